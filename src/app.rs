@@ -1,0 +1,48 @@
+//! The program: configuration, logging, then the server. `main.rs` only
+//! calls [`main`] so everything stays reachable from the library.
+
+use crate::config::{self, Loaded};
+use simplelog::{ColorChoice, ConfigBuilder, LevelFilter, TermLogger, TerminalMode, WriteLogger};
+use std::io::IsTerminal;
+
+/// Exit status: 0 clean exit, 1 runtime failure, 2 bad configuration.
+pub fn main() -> i32 {
+    let args: Vec<_> = std::env::args_os().collect();
+    let env = |name: &str| std::env::var(name).ok();
+    let config = match config::load(args, &env) {
+        Ok(Loaded::Run(config)) => config,
+        Ok(Loaded::Exit(text)) => {
+            print!("{text}");
+            return 0;
+        }
+        Err(e) => {
+            eprintln!("amqproxy: {e}");
+            return 2;
+        }
+    };
+    init_logging(config.log_level);
+    match crate::server::run(config) {
+        Ok(()) => 0,
+        Err(e) => {
+            log::error!("{e}");
+            eprintln!("amqproxy: {e}");
+            1
+        }
+    }
+}
+
+/// One line per event on stderr; colours only on a terminal (journald and
+/// log files get plain text).
+fn init_logging(level: LevelFilter) {
+    let config = ConfigBuilder::new()
+        .set_target_level(LevelFilter::Off)
+        .set_thread_level(LevelFilter::Off)
+        .set_location_level(LevelFilter::Off)
+        .set_time_format_rfc3339()
+        .build();
+    if std::io::stderr().is_terminal() {
+        let _ = TermLogger::init(level, config, TerminalMode::Stderr, ColorChoice::Auto);
+    } else {
+        let _ = WriteLogger::init(level, config, std::io::stderr());
+    }
+}

@@ -1,0 +1,11 @@
+//! AMQProxy: an AMQP 0-9-1 proxy that pools upstream connections and
+//! channels. The protocol core (`protocol`, `core`) is sans-IO; `server`
+//! is the mio/thread shell around it.
+#![forbid(unsafe_code)]
+
+pub mod protocol;
+pub mod config;
+pub mod cli;
+pub mod core;
+pub mod server;
+pub mod app;

@@ -1,0 +1,184 @@
+//! The event-loop thread: owns the `Poll`, the listeners and the `Waker`.
+//! It accepts clients (round-robin over workers, refusing past
+//! `max_client_connections`) and routes readiness events to the worker that
+//! owns the socket. It never reads or writes a connection itself.
+//!
+//! Queues to workers are bounded; when one is full the event is kept in a
+//! per-worker backlog (merged per token, so its size is bounded by that
+//! worker's socket count) and retried — the loop never blocks on a worker.
+
+use super::token;
+use super::worker::{Ready, WorkerHandle, WorkerMsg};
+use super::Shared;
+use crossbeam_channel::TrySendError;
+use mio::event::Event;
+use mio::{Events, Interest, Poll, Registry, Token, Waker};
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Accept errors such as EMFILE are retried after this pause, not in a
+/// busy loop.
+const ACCEPT_RETRY: Duration = Duration::from_millis(10);
+
+pub struct EventLoop {
+    poll: Poll,
+    listeners: Vec<mio::net::TcpListener>,
+    workers: Vec<WorkerHandle>,
+    /// Per worker: events that did not fit its queue, merged by token.
+    backlog: Vec<HashMap<Token, Ready>>,
+    shared: Arc<Shared>,
+    next_worker: usize,
+    /// Listeners with connections left to accept (after an error or a full
+    /// queue); edge-triggered readiness will not report them again.
+    accept_pending: Vec<bool>,
+    _waker: Arc<Waker>,
+}
+
+impl EventLoop {
+    pub fn new(mut listeners: Vec<mio::net::TcpListener>, shared: Arc<Shared>) -> io::Result<Self> {
+        let poll = Poll::new()?;
+        for (i, l) in listeners.iter_mut().enumerate() {
+            poll.registry().register(l, token::listener(i), Interest::READABLE)?;
+        }
+        let waker = Arc::new(Waker::new(poll.registry(), token::WAKER)?);
+        let n = listeners.len();
+        Ok(EventLoop {
+            poll,
+            listeners,
+            workers: Vec::new(),
+            backlog: Vec::new(),
+            shared,
+            next_worker: 0,
+            accept_pending: vec![false; n],
+            _waker: waker,
+        })
+    }
+
+    pub fn registry(&self) -> io::Result<Registry> {
+        self.poll.registry().try_clone()
+    }
+
+    pub fn add_worker(&mut self, handle: WorkerHandle) {
+        self.workers.push(handle);
+        self.backlog.push(HashMap::new());
+    }
+
+    pub fn run(&mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let busy = self.backlog.iter().any(|b| !b.is_empty()) || self.accept_pending.iter().any(|p| *p);
+            let timeout = if busy { Some(Duration::from_millis(1)) } else { None };
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            self.retry_backlog();
+            for event in events.iter() {
+                let t = event.token();
+                if t == token::WAKER {
+                    continue;
+                }
+                if let Some(i) = token::listener_index(t) {
+                    self.accept_pending[i] = true;
+                    continue;
+                }
+                self.route(t, ready_of(event));
+            }
+            let mut paused = false;
+            for i in 0..self.listeners.len() {
+                if self.accept_pending[i] && !self.accept(i) {
+                    paused = true;
+                }
+            }
+            if paused {
+                std::thread::sleep(ACCEPT_RETRY);
+            }
+        }
+    }
+
+    fn route(&mut self, t: Token, ready: Ready) {
+        let w = token::worker_of(t);
+        let Some(worker) = self.workers.get(w) else { return };
+        if !self.backlog[w].is_empty() {
+            merge(&mut self.backlog[w], t, ready);
+            return;
+        }
+        if let Err(TrySendError::Full(_)) = worker.send(WorkerMsg::Ready(t, ready)) {
+            merge(&mut self.backlog[w], t, ready);
+        }
+    }
+
+    fn retry_backlog(&mut self) {
+        for (w, backlog) in self.backlog.iter_mut().enumerate() {
+            let keys: Vec<Token> = backlog.keys().copied().collect();
+            for t in keys {
+                let Some(ready) = backlog.get(&t).copied() else { continue };
+                match self.workers[w].send(WorkerMsg::Ready(t, ready)) {
+                    Ok(()) => {
+                        backlog.remove(&t);
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+
+    /// Accepts until the listener is drained. Returns false if it had to
+    /// stop early (error or full queue) and should be retried.
+    fn accept(&mut self, i: usize) -> bool {
+        loop {
+            match self.listeners[i].accept() {
+                Ok((stream, peer)) => {
+                    let max = self.shared.max_client_connections;
+                    let open = self.shared.client_connections.load(Ordering::Relaxed);
+                    if max > 0 && open >= max {
+                        log::warn!("refusing client {peer}: max_client_connections ({max}) reached");
+                        drop(stream);
+                        continue;
+                    }
+                    self.shared.client_connections.fetch_add(1, Ordering::Relaxed);
+                    let w = self.next_worker % self.workers.len().max(1);
+                    self.next_worker = self.next_worker.wrapping_add(1);
+                    match self.workers[w].send(WorkerMsg::Accept(stream, peer)) {
+                        Ok(()) => {}
+                        Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                            // Dropping the stream closes it; the client may retry.
+                            log::warn!("refusing client {peer}: worker {w} queue is full");
+                            self.shared.client_connections.fetch_sub(1, Ordering::Relaxed);
+                            return false;
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.accept_pending[i] = false;
+                    return true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::warn!("accept failed: {e}");
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+fn ready_of(event: &Event) -> Ready {
+    Ready {
+        readable: event.is_readable() || event.is_read_closed(),
+        writable: event.is_writable(),
+        error: event.is_error() || event.is_write_closed(),
+    }
+}
+
+fn merge(backlog: &mut HashMap<Token, Ready>, t: Token, ready: Ready) {
+    let entry = backlog.entry(t).or_default();
+    entry.readable |= ready.readable;
+    entry.writable |= ready.writable;
+    entry.error |= ready.error;
+}

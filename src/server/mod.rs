@@ -1,0 +1,72 @@
+//! The I/O shell around the sans-IO core.
+//!
+//! Threads: one mio event-loop thread (`event_loop`) owns the `Poll`, the
+//! listeners and the `Waker`; it accepts clients and routes readiness events
+//! by token to a fixed pool of worker threads (`worker`) over bounded
+//! crossbeam queues. Each worker owns one [`crate::core::Shard`] and the
+//! sockets of its connections; it reads, runs the core, and writes. See
+//! docs/ARCHITECTURE.md.
+
+pub mod event_loop;
+pub mod net;
+pub mod token;
+pub mod worker;
+
+use crate::config::Config;
+use crate::core::Settings;
+use std::io;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+
+/// State shared by all threads; cold except for the atomics.
+pub struct Shared {
+    /// Client sockets currently open, for `max_client_connections`.
+    pub client_connections: AtomicUsize,
+    pub max_client_connections: usize,
+}
+
+/// The core's view of the configuration.
+pub fn settings_from(config: &Config) -> Settings {
+    Settings {
+        channel_max: config.channel_max,
+        frame_max: config.frame_max,
+        heartbeat: config.heartbeat,
+        handshake_timeout: config.handshake_timeout,
+        upstream_connect_timeout: config.upstream_connect_timeout,
+        idle_connection_timeout: config.idle_connection_timeout,
+        min_idle_connections: config.min_idle_connections,
+        max_upstream_channels: config.max_upstream_channels,
+        client_buffer_limit: config.client_buffer_limit,
+        listen_name: format!("{}:{}", config.listen_address, config.listen_port),
+        upstream_name: config.upstream.addr_string(),
+    }
+}
+
+/// Binds the listeners, starts the workers and runs the event loop on the
+/// calling thread until it fails.
+pub fn run(config: Config) -> io::Result<()> {
+    let listeners = net::bind_listeners(&config.listen_address, config.listen_port, config.listen_backlog)?;
+    for l in &listeners {
+        log::info!("listening on {}", l.local_addr()?);
+    }
+    log::info!("upstream {}", config.upstream);
+    let shared = Arc::new(Shared {
+        client_connections: AtomicUsize::new(0),
+        max_client_connections: config.max_client_connections as usize,
+    });
+    let mut event_loop = event_loop::EventLoop::new(listeners, shared.clone())?;
+    let settings = settings_from(&config);
+    let workers = config.workers.clamp(1, token::MAX_WORKERS);
+    for index in 0..workers {
+        let handle = worker::spawn(
+            index,
+            settings.clone(),
+            config.upstream.addr_string(),
+            event_loop.registry()?,
+            shared.clone(),
+        )?;
+        event_loop.add_worker(handle);
+    }
+    log::info!("{workers} worker threads");
+    event_loop.run()
+}

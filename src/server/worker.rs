@@ -1,0 +1,403 @@
+//! A worker thread: owns one shard of the core and the sockets of its
+//! connections. It reads sockets the event loop reports ready, feeds the
+//! bytes to the shard, carries out the shard's actions (connect, close,
+//! resume a paused client) and writes the shard's output.
+//!
+//! Reads go through one scratch buffer per worker; only a frame split
+//! across reads is copied into the connection's own buffer, so idle
+//! connections hold no buffers.
+
+use super::net;
+use super::token;
+use super::Shared;
+use crate::core::{Action, ConnRef, Settings, Shard, UpstreamId};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Capacity of each worker's queue from the event loop.
+const QUEUE_CAPACITY: usize = 16 * 1024;
+const SCRATCH_SIZE: usize = 64 * 1024;
+/// Reads per socket per turn before other sockets get theirs.
+const READS_PER_TURN: usize = 8;
+/// Upstream addresses are resolved again after this long.
+const RESOLVE_TTL: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ready {
+    pub readable: bool,
+    pub writable: bool,
+    pub error: bool,
+}
+
+pub enum WorkerMsg {
+    Accept(TcpStream, SocketAddr),
+    Ready(Token, Ready),
+}
+
+pub struct WorkerHandle {
+    sender: Sender<WorkerMsg>,
+    _thread: std::thread::JoinHandle<()>,
+}
+
+impl WorkerHandle {
+    pub fn send(&self, msg: WorkerMsg) -> Result<(), TrySendError<WorkerMsg>> {
+        self.sender.try_send(msg)
+    }
+}
+
+pub fn spawn(
+    index: usize,
+    settings: Settings,
+    upstream: String,
+    registry: Registry,
+    shared: Arc<Shared>,
+) -> io::Result<WorkerHandle> {
+    let (sender, receiver) = crossbeam_channel::bounded(QUEUE_CAPACITY);
+    let thread = std::thread::Builder::new().name(format!("worker-{index}")).spawn(move || {
+        let mut worker = Worker::new(index, settings, upstream, registry, shared);
+        worker.run(receiver);
+    })?;
+    Ok(WorkerHandle { sender, _thread: thread })
+}
+
+struct Socket {
+    stream: TcpStream,
+    /// Upstream TCP connect still in progress.
+    connecting: bool,
+}
+
+struct Worker {
+    index: usize,
+    shard: Shard,
+    upstream: String,
+    resolved: Option<(Instant, Vec<SocketAddr>)>,
+    registry: Registry,
+    shared: Arc<Shared>,
+    clients: Vec<Option<Socket>>,
+    upstreams: Vec<Option<Socket>>,
+    scratch: Vec<u8>,
+    /// Sockets with bytes left to read (budget spent, or resumed).
+    pending_reads: VecDeque<ConnRef>,
+    dirty: Vec<ConnRef>,
+}
+
+impl Worker {
+    fn new(index: usize, settings: Settings, upstream: String, registry: Registry, shared: Arc<Shared>) -> Self {
+        Worker {
+            index,
+            shard: Shard::new(settings, Instant::now()),
+            upstream,
+            resolved: None,
+            registry,
+            shared,
+            clients: Vec::new(),
+            upstreams: Vec::new(),
+            scratch: vec![0; SCRATCH_SIZE],
+            pending_reads: VecDeque::new(),
+            dirty: Vec::new(),
+        }
+    }
+
+    fn run(&mut self, receiver: Receiver<WorkerMsg>) {
+        let mut next_tick = Instant::now() + crate::core::shard::TICK;
+        loop {
+            let now = Instant::now();
+            let timeout = if self.pending_reads.is_empty() {
+                next_tick.saturating_duration_since(now)
+            } else {
+                Duration::ZERO
+            };
+            match receiver.recv_timeout(timeout) {
+                Ok(msg) => {
+                    self.handle(msg);
+                    // Take what else is queued, bounded so timers still run.
+                    for _ in 0..1024 {
+                        match receiver.try_recv() {
+                            Ok(msg) => self.handle(msg),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            for _ in 0..self.pending_reads.len() {
+                if let Some(conn) = self.pending_reads.pop_front() {
+                    self.read(conn);
+                }
+            }
+            let now = Instant::now();
+            if now >= next_tick {
+                self.shard.tick(now);
+                next_tick = now + crate::core::shard::TICK;
+            }
+            self.settle();
+        }
+    }
+
+    /// Carries out actions and writes output until nothing is left to do.
+    fn settle(&mut self) {
+        loop {
+            let actions: Vec<Action> = self.shard.take_actions().collect();
+            let mut dirty = std::mem::take(&mut self.dirty);
+            self.shard.take_dirty(&mut dirty);
+            if actions.is_empty() && dirty.is_empty() {
+                self.dirty = dirty;
+                return;
+            }
+            for conn in dirty.drain(..) {
+                self.flush(conn);
+            }
+            self.dirty = dirty;
+            for action in actions {
+                match action {
+                    Action::Connect(id) => self.connect(id),
+                    Action::CloseAfterFlush(conn) => {
+                        self.flush(conn);
+                        self.close_socket(conn);
+                        self.shard.release(conn);
+                    }
+                    Action::Resume(id) => self.pending_reads.push_back(ConnRef::Client(id)),
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, msg: WorkerMsg) {
+        match msg {
+            WorkerMsg::Accept(stream, peer) => self.accept(stream, peer),
+            WorkerMsg::Ready(t, ready) => {
+                let conn = token::decode(t);
+                let Some(sock) = self.socket(conn) else { return };
+                if sock.connecting {
+                    if let ConnRef::Upstream(id) = conn {
+                        self.check_connect(id);
+                    }
+                    return;
+                }
+                if ready.writable {
+                    self.flush(conn);
+                }
+                if ready.readable || ready.error {
+                    self.read(conn);
+                }
+            }
+        }
+    }
+
+    fn accept(&mut self, mut stream: TcpStream, peer: SocketAddr) {
+        let id = self.shard.client_connected(peer.to_string(), Instant::now());
+        let t = token::encode(self.index, ConnRef::Client(id));
+        net::tune_stream(&stream, false);
+        if let Err(e) = self.registry.register(&mut stream, t, Interest::READABLE | Interest::WRITABLE) {
+            log::warn!("client {peer}: cannot register socket: {e}");
+            self.shard.client_gone(id, Instant::now());
+            self.shared.client_connections.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        put(&mut self.clients, id.0.index, Socket { stream, connecting: false });
+        // Bytes may already be waiting; the edge may have fired before the
+        // registration, so read now.
+        self.read(ConnRef::Client(id));
+    }
+
+    fn socket(&mut self, conn: ConnRef) -> Option<&mut Socket> {
+        match conn {
+            ConnRef::Client(id) => {
+                self.shard_has(conn)?;
+                self.clients.get_mut(id.0.index as usize)?.as_mut()
+            }
+            ConnRef::Upstream(id) => {
+                self.shard_has(conn)?;
+                self.upstreams.get_mut(id.0.index as usize)?.as_mut()
+            }
+        }
+    }
+
+    /// The token names the shard's current occupant of that slot.
+    fn shard_has(&self, conn: ConnRef) -> Option<()> {
+        self.shard.contains(conn).then_some(())
+    }
+
+    fn read(&mut self, conn: ConnRef) {
+        if self.socket(conn).is_none() {
+            return;
+        }
+        for _ in 0..READS_PER_TURN {
+            if let ConnRef::Client(id) = conn {
+                if !self.shard.client_may_read(id) {
+                    return;
+                }
+            }
+            let mut scratch = std::mem::take(&mut self.scratch);
+            let result = match self.socket(conn) {
+                Some(sock) => sock.stream.read(&mut scratch),
+                None => {
+                    self.scratch = scratch;
+                    return;
+                }
+            };
+            let now = Instant::now();
+            match result {
+                Ok(0) => {
+                    self.scratch = scratch;
+                    self.gone(conn, "connection closed by peer");
+                    return;
+                }
+                Ok(n) => {
+                    match conn {
+                        ConnRef::Client(id) => self.shard.client_data(id, &scratch[..n], now),
+                        ConnRef::Upstream(id) => self.shard.upstream_data(id, &scratch[..n], now),
+                    }
+                    self.scratch = scratch;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.scratch = scratch;
+                    return;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                    self.scratch = scratch;
+                }
+                Err(e) => {
+                    self.scratch = scratch;
+                    self.gone(conn, &e.to_string());
+                    return;
+                }
+            }
+        }
+        self.pending_reads.push_back(conn);
+    }
+
+    fn flush(&mut self, conn: ConnRef) {
+        loop {
+            let out = self.shard.output(conn);
+            if out.is_empty() {
+                return;
+            }
+            let sock = match conn {
+                ConnRef::Client(id) => self.clients.get_mut(id.0.index as usize),
+                ConnRef::Upstream(id) => self.upstreams.get_mut(id.0.index as usize),
+            };
+            let Some(Some(sock)) = sock else { return };
+            if sock.connecting {
+                return;
+            }
+            match sock.stream.write(out) {
+                Ok(0) => return,
+                Ok(n) => self.shard.output_written(conn, n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.gone(conn, &e.to_string());
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The peer closed or the socket failed.
+    fn gone(&mut self, conn: ConnRef, reason: &str) {
+        self.close_socket(conn);
+        let now = Instant::now();
+        match conn {
+            ConnRef::Client(id) => self.shard.client_gone(id, now),
+            ConnRef::Upstream(id) => self.shard.upstream_gone(id, reason, now),
+        }
+    }
+
+    fn close_socket(&mut self, conn: ConnRef) {
+        let slot = match conn {
+            ConnRef::Client(id) => self.clients.get_mut(id.0.index as usize),
+            ConnRef::Upstream(id) => self.upstreams.get_mut(id.0.index as usize),
+        };
+        if let Some(mut sock) = slot.and_then(|s| s.take()) {
+            let _ = self.registry.deregister(&mut sock.stream);
+            if matches!(conn, ConnRef::Client(_)) {
+                self.shared.client_connections.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn addresses(&mut self) -> io::Result<Vec<SocketAddr>> {
+        let now = Instant::now();
+        if let Some((at, addrs)) = &self.resolved {
+            if now.duration_since(*at) < RESOLVE_TTL {
+                return Ok(addrs.clone());
+            }
+        }
+        let addrs: Vec<SocketAddr> = self.upstream.to_socket_addrs()?.collect();
+        if addrs.is_empty() {
+            return Err(io::Error::other(format!("{} resolves to no address", self.upstream)));
+        }
+        self.resolved = Some((now, addrs.clone()));
+        Ok(addrs)
+    }
+
+    fn connect(&mut self, id: UpstreamId) {
+        let result = self.addresses().and_then(|addrs| {
+            let mut last = None;
+            for addr in addrs {
+                match TcpStream::connect(addr) {
+                    Ok(s) => return Ok(s),
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(last.unwrap_or_else(|| io::Error::other("no address")))
+        });
+        let mut stream = match result {
+            Ok(s) => s,
+            Err(e) => {
+                self.resolved = None;
+                self.shard.upstream_gone(id, &e.to_string(), Instant::now());
+                return;
+            }
+        };
+        let t = token::encode(self.index, ConnRef::Upstream(id));
+        if let Err(e) = self.registry.register(&mut stream, t, Interest::READABLE | Interest::WRITABLE) {
+            self.shard.upstream_gone(id, &e.to_string(), Instant::now());
+            return;
+        }
+        put(&mut self.upstreams, id.0.index, Socket { stream, connecting: true });
+    }
+
+    fn check_connect(&mut self, id: UpstreamId) {
+        let Some(Some(sock)) = self.upstreams.get_mut(id.0.index as usize) else { return };
+        let status = match sock.stream.take_error() {
+            Ok(Some(e)) | Err(e) => Err(e),
+            Ok(None) => match sock.stream.peer_addr() {
+                Ok(_) => Ok(true),
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(false),
+                Err(e) => Err(e),
+            },
+        };
+        match status {
+            Ok(false) => {}
+            Ok(true) => {
+                sock.connecting = false;
+                net::tune_stream(&sock.stream, true);
+                self.shard.upstream_connected(id, Instant::now());
+                self.flush(ConnRef::Upstream(id));
+                self.read(ConnRef::Upstream(id));
+            }
+            Err(e) => {
+                self.resolved = None;
+                self.gone(ConnRef::Upstream(id), &e.to_string());
+            }
+        }
+    }
+}
+
+fn put(v: &mut Vec<Option<Socket>>, index: u32, sock: Socket) {
+    let i = index as usize;
+    if v.len() <= i {
+        v.resize_with(i + 1, || None);
+    }
+    v[i] = Some(sock);
+}
