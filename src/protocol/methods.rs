@@ -170,7 +170,10 @@ impl ContentHeader {
         let _weight = r.u16()?;
         let body_size = r.u64()?;
         let _flags = r.u16()?;
-        Ok(ContentHeader { class_id, body_size })
+        Ok(ContentHeader {
+            class_id,
+            body_size,
+        })
     }
 }
 
@@ -188,7 +191,12 @@ pub fn method_id(payload: &[u8]) -> DecodeResult<method::Id> {
 // ---- encoders -------------------------------------------------------------
 
 /// Appends one method frame whose arguments `args` writes.
-pub fn put_method(out: &mut Vec<u8>, channel: u16, id: method::Id, args: impl FnOnce(&mut Vec<u8>)) {
+pub fn put_method(
+    out: &mut Vec<u8>,
+    channel: u16,
+    id: method::Id,
+    args: impl FnOnce(&mut Vec<u8>),
+) {
     put_frame_with(out, FRAME_METHOD, channel, |b| {
         put_u16(b, id.0);
         put_u16(b, id.1);
@@ -196,7 +204,12 @@ pub fn put_method(out: &mut Vec<u8>, channel: u16, id: method::Id, args: impl Fn
     });
 }
 
-pub fn put_connection_start(out: &mut Vec<u8>, server_properties: &FieldTable, mechanisms: &[u8], locales: &[u8]) {
+pub fn put_connection_start(
+    out: &mut Vec<u8>,
+    server_properties: &FieldTable,
+    mechanisms: &[u8],
+    locales: &[u8],
+) {
     put_method(out, 0, method::CONNECTION_START, |b| {
         b.extend_from_slice(&[0, 9]);
         server_properties.write(b);
@@ -205,7 +218,12 @@ pub fn put_connection_start(out: &mut Vec<u8>, server_properties: &FieldTable, m
     });
 }
 
-pub fn put_connection_start_ok(out: &mut Vec<u8>, client_properties: &FieldTable, mechanism: &[u8], response: &[u8]) {
+pub fn put_connection_start_ok(
+    out: &mut Vec<u8>,
+    client_properties: &FieldTable,
+    mechanism: &[u8],
+    response: &[u8],
+) {
     put_method(out, 0, method::CONNECTION_START_OK, |b| {
         client_properties.write(b);
         put_shortstr(b, mechanism);
@@ -216,7 +234,11 @@ pub fn put_connection_start_ok(out: &mut Vec<u8>, client_properties: &FieldTable
 
 /// Connection.Tune (`ok = false`) or Connection.TuneOk (`ok = true`).
 pub fn put_tune(out: &mut Vec<u8>, ok: bool, tune: Tune) {
-    let id = if ok { method::CONNECTION_TUNE_OK } else { method::CONNECTION_TUNE };
+    let id = if ok {
+        method::CONNECTION_TUNE_OK
+    } else {
+        method::CONNECTION_TUNE
+    };
     put_method(out, 0, id, |b| {
         put_u16(b, tune.channel_max);
         put_u32(b, tune.frame_max);
@@ -237,8 +259,18 @@ pub fn put_connection_open_ok(out: &mut Vec<u8>) {
 }
 
 /// Connection.Close (channel 0) or Channel.Close (any other channel).
-pub fn put_close(out: &mut Vec<u8>, channel: u16, reply_code: u16, reply_text: &[u8], failing: method::Id) {
-    let id = if channel == 0 { method::CONNECTION_CLOSE } else { method::CHANNEL_CLOSE };
+pub fn put_close(
+    out: &mut Vec<u8>,
+    channel: u16,
+    reply_code: u16,
+    reply_text: &[u8],
+    failing: method::Id,
+) {
+    let id = if channel == 0 {
+        method::CONNECTION_CLOSE
+    } else {
+        method::CHANNEL_CLOSE
+    };
     put_method(out, channel, id, |b| {
         put_u16(b, reply_code);
         put_shortstr(b, reply_text);
@@ -249,7 +281,11 @@ pub fn put_close(out: &mut Vec<u8>, channel: u16, reply_code: u16, reply_text: &
 
 /// Connection.CloseOk (channel 0) or Channel.CloseOk.
 pub fn put_close_ok(out: &mut Vec<u8>, channel: u16) {
-    let id = if channel == 0 { method::CONNECTION_CLOSE_OK } else { method::CHANNEL_CLOSE_OK };
+    let id = if channel == 0 {
+        method::CONNECTION_CLOSE_OK
+    } else {
+        method::CHANNEL_CLOSE_OK
+    };
     put_method(out, channel, id, |_| {});
 }
 
@@ -258,7 +294,9 @@ pub fn put_channel_open(out: &mut Vec<u8>, channel: u16) {
 }
 
 pub fn put_channel_open_ok(out: &mut Vec<u8>, channel: u16) {
-    put_method(out, channel, method::CHANNEL_OPEN_OK, |b| put_longstr(b, b""));
+    put_method(out, channel, method::CHANNEL_OPEN_OK, |b| {
+        put_longstr(b, b"")
+    });
 }
 
 pub fn put_basic_qos(out: &mut Vec<u8>, channel: u16, qos: Qos) {
@@ -272,6 +310,7 @@ pub fn put_basic_qos(out: &mut Vec<u8>, channel: u16, qos: Qos) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::codec::DecodeError;
     use crate::protocol::frame::{parse_frame, FrameStatus};
 
     fn only_frame(bytes: &[u8]) -> crate::protocol::Frame<'_> {
@@ -291,12 +330,19 @@ mod tests {
         let f = only_frame(&out);
         assert_eq!(f.method_id(), Some(method::CONNECTION_CLOSE));
         let c = Close::decode(f.payload).unwrap();
-        assert_eq!((c.reply_code, c.reply_text, c.class_id, c.method_id), (403, &b"ACCESS_REFUSED - nope"[..], 10, 40));
+        assert_eq!(
+            (c.reply_code, c.reply_text, c.class_id, c.method_id),
+            (403, &b"ACCESS_REFUSED - nope"[..], 10, 40)
+        );
     }
 
     #[test]
     fn tune_round_trip() {
-        let t = Tune { channel_max: 2047, frame_max: 131072, heartbeat: 60 };
+        let t = Tune {
+            channel_max: 2047,
+            frame_max: 131072,
+            heartbeat: 60,
+        };
         let mut out = Vec::new();
         put_tune(&mut out, true, t);
         let f = only_frame(&out);

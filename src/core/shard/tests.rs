@@ -1,0 +1,656 @@
+//! Pair tests: a scripted client and a scripted broker drive one shard
+//! under a virtual clock, byte for byte.
+
+use super::*;
+use crate::core::Action;
+use crate::protocol::constants::{method, FRAME_BODY, FRAME_HEADER, FRAME_HEARTBEAT, FRAME_METHOD};
+use crate::protocol::frame::{parse_frame, put_frame, FrameStatus};
+use crate::protocol::methods::{self as m, Close, StartOk, Tune};
+use crate::protocol::table::{FieldTable, FieldValue};
+use std::time::Duration;
+
+type Wire = Vec<(u8, u16, Vec<u8>)>;
+
+struct Pair {
+    shard: Shard,
+    now: Instant,
+}
+
+fn frames(mut bytes: &[u8]) -> Wire {
+    let mut v = Vec::new();
+    while let Ok(FrameStatus::Complete(f, used)) = parse_frame(bytes, 0) {
+        v.push((f.frame_type, f.channel, f.payload.to_vec()));
+        bytes = &bytes[used..];
+    }
+    assert!(bytes.is_empty(), "trailing bytes: {bytes:?}");
+    v
+}
+
+fn mid(f: &(u8, u16, Vec<u8>)) -> Option<method::Id> {
+    (f.0 == FRAME_METHOD).then(|| m::method_id(&f.2).unwrap())
+}
+
+fn method_frame(channel: u16, id: method::Id, args: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    m::put_method(&mut out, channel, id, |b| b.extend_from_slice(args));
+    out
+}
+
+fn publish(channel: u16, routing_key: &[u8], body: &[u8]) -> Vec<u8> {
+    let mut args = vec![0, 0, 0, routing_key.len() as u8];
+    args.extend_from_slice(routing_key);
+    args.push(0);
+    let mut out = method_frame(channel, method::BASIC_PUBLISH, &args);
+    let mut header = vec![0, 60, 0, 0];
+    header.extend_from_slice(&(body.len() as u64).to_be_bytes());
+    header.extend_from_slice(&[0, 0]);
+    put_frame(&mut out, FRAME_HEADER, channel, &header);
+    if !body.is_empty() {
+        put_frame(&mut out, FRAME_BODY, channel, body);
+    }
+    out
+}
+
+fn client_props(caps: &[&str]) -> FieldTable {
+    let mut c = FieldTable::default();
+    for cap in caps {
+        c.insert(cap, FieldValue::Bool(true));
+    }
+    let mut t = FieldTable::default();
+    t.insert("capabilities", FieldValue::Table(c));
+    t
+}
+
+impl Pair {
+    fn new(settings: Settings) -> Self {
+        let now = Instant::now();
+        Pair {
+            shard: Shard::new(settings, now),
+            now,
+        }
+    }
+
+    fn advance(&mut self, d: Duration) {
+        self.now += d;
+        self.shard.tick(self.now);
+    }
+
+    fn out(&mut self, conn: ConnRef) -> Vec<u8> {
+        let bytes = self.shard.output(conn).to_vec();
+        self.shard.output_written(conn, bytes.len());
+        bytes
+    }
+
+    fn client_out(&mut self, id: ClientId) -> Wire {
+        frames(&self.out(ConnRef::Client(id)))
+    }
+
+    fn upstream_out(&mut self, id: UpstreamId) -> Wire {
+        frames(&self.out(ConnRef::Upstream(id)))
+    }
+
+    fn send_client(&mut self, id: ClientId, bytes: &[u8]) {
+        self.shard.client_data(id, bytes, self.now);
+    }
+
+    fn send_upstream(&mut self, id: UpstreamId, bytes: &[u8]) {
+        self.shard.upstream_data(id, bytes, self.now);
+    }
+
+    fn actions(&mut self) -> Vec<Action> {
+        self.shard.take_actions().collect()
+    }
+
+    fn connects(&mut self) -> Vec<UpstreamId> {
+        self.actions()
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Connect(id) => Some(id),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Client handshake up to Connection.Open (inclusive).
+    fn client(&mut self, user: &str, password: &str, caps: &[&str], frame_max: u32) -> ClientId {
+        let id = self.shard.client_connected("127.0.0.1:1".into(), self.now);
+        self.send_client(id, b"AMQP\x00\x00\x09\x01");
+        let start = self.client_out(id);
+        assert_eq!(mid(&start[0]), Some(method::CONNECTION_START));
+        let mut bytes = Vec::new();
+        m::put_connection_start_ok(
+            &mut bytes,
+            &client_props(caps),
+            b"PLAIN",
+            format!("\0{user}\0{password}").as_bytes(),
+        );
+        self.send_client(id, &bytes);
+        let tune = self.client_out(id);
+        assert_eq!(mid(&tune[0]), Some(method::CONNECTION_TUNE));
+        let mut bytes = Vec::new();
+        m::put_tune(
+            &mut bytes,
+            true,
+            Tune {
+                channel_max: 0,
+                frame_max,
+                heartbeat: 0,
+            },
+        );
+        m::put_connection_open(&mut bytes, b"/");
+        self.send_client(id, &bytes);
+        id
+    }
+
+    /// The broker's side of an upstream handshake, checking what the proxy sends.
+    fn broker_accepts(&mut self, up: UpstreamId, expect_user: &str, expect_password: &str) {
+        self.shard.upstream_connected(up, self.now);
+        assert_eq!(self.out(ConnRef::Upstream(up)), b"AMQP\x00\x00\x09\x01");
+        let mut start = Vec::new();
+        m::put_connection_start(
+            &mut start,
+            &FieldTable::default(),
+            b"AMQPLAIN PLAIN",
+            b"en_US",
+        );
+        self.send_upstream(up, &start);
+        let ok = self.upstream_out(up);
+        assert_eq!(mid(&ok[0]), Some(method::CONNECTION_START_OK));
+        let s = StartOk::decode(&ok[0].2).unwrap();
+        assert_eq!(s.mechanism, b"PLAIN");
+        assert_eq!(
+            s.response,
+            format!("\0{expect_user}\0{expect_password}").as_bytes()
+        );
+        assert!(s
+            .client_properties
+            .string("connection_name")
+            .unwrap()
+            .contains("pool"));
+        let mut tune = Vec::new();
+        m::put_tune(
+            &mut tune,
+            false,
+            Tune {
+                channel_max: 2047,
+                frame_max: 131072,
+                heartbeat: 60,
+            },
+        );
+        self.send_upstream(up, &tune);
+        let sent = self.upstream_out(up);
+        assert_eq!(mid(&sent[0]), Some(method::CONNECTION_TUNE_OK));
+        assert_eq!(mid(&sent[1]), Some(method::CONNECTION_OPEN));
+        let mut open_ok = Vec::new();
+        m::put_connection_open_ok(&mut open_ok);
+        self.send_upstream(up, &open_ok);
+    }
+
+    /// A connected client with one open channel `ch`; returns the upstream
+    /// channel number.
+    fn open_channel(&mut self, client: ClientId, up: UpstreamId, ch: u16) -> u16 {
+        let mut open = Vec::new();
+        m::put_channel_open(&mut open, ch);
+        self.send_client(client, &open);
+        let sent = self.upstream_out(up);
+        assert_eq!(sent.len(), 1);
+        assert_eq!(mid(&sent[0]), Some(method::CHANNEL_OPEN));
+        let n = sent[0].1;
+        let mut ok = Vec::new();
+        m::put_channel_open_ok(&mut ok, n);
+        self.send_upstream(up, &ok);
+        let got = self.client_out(client);
+        assert_eq!(
+            (mid(&got[0]), got[0].1),
+            (Some(method::CHANNEL_OPEN_OK), ch)
+        );
+        n
+    }
+
+    fn connected_client(&mut self) -> (ClientId, UpstreamId) {
+        let c = self.client(
+            "guest",
+            "guest",
+            &["connection.blocked", "authentication_failure_close"],
+            131072,
+        );
+        let ups = self.connects();
+        assert_eq!(ups.len(), 1);
+        self.broker_accepts(ups[0], "guest", "guest");
+        let got = self.client_out(c);
+        assert_eq!(mid(&got[0]), Some(method::CONNECTION_OPEN_OK));
+        (c, ups[0])
+    }
+}
+
+fn close_of(f: &(u8, u16, Vec<u8>)) -> (u16, String) {
+    let c = Close::decode(&f.2).unwrap();
+    (
+        c.reply_code,
+        String::from_utf8_lossy(c.reply_text).into_owned(),
+    )
+}
+
+#[test]
+fn open_ok_only_after_upstream_authenticated() {
+    let mut p = Pair::new(Settings::default());
+    let c = p.client("guest", "guest", &[], 131072);
+    assert!(
+        p.client_out(c).is_empty(),
+        "no OpenOk before the broker accepted the credentials"
+    );
+    let ups = p.connects();
+    p.broker_accepts(ups[0], "guest", "guest");
+    assert_eq!(mid(&p.client_out(c)[0]), Some(method::CONNECTION_OPEN_OK));
+}
+
+#[test]
+fn wrong_password_gets_the_brokers_403() {
+    let mut p = Pair::new(Settings::default());
+    let c = p.client("guest", "wrong", &["authentication_failure_close"], 131072);
+    let up = p.connects()[0];
+    p.shard.upstream_connected(up, p.now);
+    p.out(ConnRef::Upstream(up));
+    let mut start = Vec::new();
+    m::put_connection_start(&mut start, &FieldTable::default(), b"PLAIN", b"en_US");
+    p.send_upstream(up, &start);
+    p.out(ConnRef::Upstream(up));
+    let mut close = Vec::new();
+    m::put_close(
+        &mut close,
+        0,
+        403,
+        b"ACCESS_REFUSED - Login was refused",
+        (10, 11),
+    );
+    p.send_upstream(up, &close);
+    let got = p.client_out(c);
+    assert_eq!(
+        close_of(&got[0]),
+        (403, "ACCESS_REFUSED - Login was refused".into())
+    );
+    // The broker got its CloseOk.
+    assert_eq!(
+        mid(&p.upstream_out(up)[0]),
+        Some(method::CONNECTION_CLOSE_OK)
+    );
+}
+
+#[test]
+fn unreachable_broker_is_a_clear_close() {
+    let mut p = Pair::new(Settings::default());
+    let c = p.client("guest", "guest", &[], 131072);
+    let up = p.connects()[0];
+    p.shard
+        .upstream_gone(up, "Connection refused (os error 111)", p.now);
+    let got = p.client_out(c);
+    let (code, text) = close_of(&got[0]);
+    assert_eq!(code, 541);
+    assert!(
+        text.contains("unreachable") && text.contains("refused"),
+        "{text}"
+    );
+}
+
+#[test]
+fn same_credentials_share_an_upstream_different_ones_do_not() {
+    let mut p = Pair::new(Settings::default());
+    let (_a, up) = p.connected_client();
+    let b = p.client("guest", "guest", &[], 131072);
+    assert!(p.connects().is_empty());
+    assert_eq!(mid(&p.client_out(b)[0]), Some(method::CONNECTION_OPEN_OK));
+    let _c = p.client("guest", "other-password", &[], 131072);
+    let other = p.connects();
+    assert_eq!(other.len(), 1);
+    assert_ne!(other[0], up);
+}
+
+#[test]
+fn publish_is_forwarded_whole_with_rewritten_channel() {
+    let mut p = Pair::new(Settings::default());
+    let (c, up) = p.connected_client();
+    let n = p.open_channel(c, up, 5);
+    let bytes = publish(5, b"q", b"hello");
+    // Feed one byte at a time: nothing goes upstream until the body is whole.
+    for (i, b) in bytes.iter().enumerate() {
+        p.send_client(c, std::slice::from_ref(b));
+        if i + 1 < bytes.len() {
+            assert!(
+                p.shard.output(ConnRef::Upstream(up)).is_empty(),
+                "partial publish forwarded at byte {i}"
+            );
+        }
+    }
+    let sent = p.upstream_out(up);
+    assert_eq!(sent.len(), 3);
+    assert!(sent.iter().all(|f| f.1 == n));
+    assert_eq!(sent[2].2, b"hello");
+}
+
+#[test]
+fn client_dying_mid_publish_leaves_nothing_upstream() {
+    let mut p = Pair::new(Settings::default());
+    let (c, up) = p.connected_client();
+    let n = p.open_channel(c, up, 1);
+    let bytes = publish(1, b"q", &[7u8; 100]);
+    // Method + header, no body.
+    let cut = bytes.len() - (100 + 8);
+    p.send_client(c, &bytes[..cut]);
+    p.shard.client_gone(c, p.now);
+    let sent = p.upstream_out(up);
+    assert_eq!(
+        sent.len(),
+        1,
+        "only the channel close goes upstream: {sent:?}"
+    );
+    assert_eq!((mid(&sent[0]), sent[0].1), (Some(method::CHANNEL_CLOSE), n));
+}
+
+#[test]
+fn bodies_are_split_to_each_sides_frame_max() {
+    let mut p = Pair::new(Settings::default());
+    let c = p.client("guest", "guest", &[], 4096);
+    let up = p.connects()[0];
+    p.broker_accepts(up, "guest", "guest");
+    p.client_out(c);
+    let n = p.open_channel(c, up, 1);
+    // A delivery with a 10,000-byte body in one upstream frame.
+    let mut deliver = method_frame(
+        n,
+        method::BASIC_DELIVER,
+        &[3, b'c', b't', b'g', 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 1, b'q'],
+    );
+    let mut header = vec![0, 60, 0, 0];
+    header.extend_from_slice(&10_000u64.to_be_bytes());
+    header.extend_from_slice(&[0, 0]);
+    put_frame(&mut deliver, FRAME_HEADER, n, &header);
+    put_frame(&mut deliver, FRAME_BODY, n, &[9u8; 10_000]);
+    p.send_upstream(up, &deliver);
+    let got = p.client_out(c);
+    let bodies: Vec<usize> = got
+        .iter()
+        .filter(|f| f.0 == FRAME_BODY)
+        .map(|f| f.2.len())
+        .collect();
+    assert_eq!(bodies, vec![4088, 4088, 1824]);
+    assert!(got.iter().all(|f| f.1 == 1));
+}
+
+#[test]
+fn broker_connection_close_reaches_only_clients_with_channels_there() {
+    let mut p = Pair::new(Settings::default());
+    let (a, up) = p.connected_client();
+    p.open_channel(a, up, 1);
+    let b = p.client("guest", "guest", &[], 131072);
+    p.client_out(b);
+    let mut close = Vec::new();
+    m::put_close(&mut close, 0, 320, b"CONNECTION_FORCED - test", (0, 0));
+    p.send_upstream(up, &close);
+    let got = p.client_out(a);
+    assert_eq!(close_of(&got[0]), (320, "CONNECTION_FORCED - test".into()));
+    assert!(
+        p.client_out(b).is_empty(),
+        "client without a channel there is untouched"
+    );
+    // The next channel of b gets a new upstream connection.
+    let mut open = Vec::new();
+    m::put_channel_open(&mut open, 1);
+    p.send_client(b, &open);
+    assert_eq!(p.connects().len(), 1);
+}
+
+#[test]
+fn idle_upstream_closes_after_the_timeout() {
+    let settings = Settings {
+        idle_connection_timeout: Duration::from_secs(1),
+        ..Settings::default()
+    };
+    let mut p = Pair::new(settings);
+    let (c, up) = p.connected_client();
+    p.shard.client_gone(c, p.now);
+    p.advance(Duration::from_millis(500));
+    assert!(p
+        .upstream_out(up)
+        .iter()
+        .all(|f| mid(f) != Some(method::CONNECTION_CLOSE)));
+    p.advance(Duration::from_millis(600));
+    let sent = p.upstream_out(up);
+    assert!(
+        sent.iter()
+            .any(|f| mid(f) == Some(method::CONNECTION_CLOSE)),
+        "{sent:?}"
+    );
+}
+
+#[test]
+fn max_upstream_channels_opens_a_second_connection() {
+    let settings = Settings {
+        max_upstream_channels: 3,
+        ..Settings::default()
+    };
+    let mut p = Pair::new(settings);
+    let (c, up) = p.connected_client();
+    for ch in 1..=3 {
+        p.open_channel(c, up, ch);
+    }
+    let mut open = Vec::new();
+    m::put_channel_open(&mut open, 4);
+    m::put_channel_open(&mut open, 5);
+    p.send_client(c, &open);
+    let ups = p.connects();
+    assert_eq!(ups.len(), 1, "channels 4 and 5 share one new connection");
+    p.broker_accepts(ups[0], "guest", "guest");
+    let sent = p.upstream_out(ups[0]);
+    assert_eq!(
+        sent.iter()
+            .filter(|f| mid(f) == Some(method::CHANNEL_OPEN))
+            .count(),
+        2
+    );
+}
+
+#[test]
+fn handshake_timeout_closes_a_silent_client() {
+    let mut p = Pair::new(Settings::default());
+    let c = p.shard.client_connected("127.0.0.1:2".into(), p.now);
+    p.advance(Duration::from_secs(9));
+    assert!(p.actions().is_empty());
+    p.advance(Duration::from_secs(2));
+    assert_eq!(
+        p.actions(),
+        vec![Action::CloseAfterFlush(ConnRef::Client(c))]
+    );
+}
+
+#[test]
+fn bad_frame_end_closes_that_client_alone_with_501() {
+    let mut p = Pair::new(Settings::default());
+    let (a, up) = p.connected_client();
+    p.open_channel(a, up, 1);
+    let b = p.client("guest", "guest", &[], 131072);
+    p.client_out(b);
+    let mut bad = publish(1, b"q", b"x");
+    let last = bad.len() - 1;
+    bad[last] = 0;
+    p.send_client(a, &bad);
+    let got = p.client_out(a);
+    assert_eq!(close_of(&got[0]).0, 501);
+    let sent = p.upstream_out(up);
+    // Only the channel close for a's channel; no publish bytes.
+    assert!(
+        sent.iter().all(|f| mid(f) == Some(method::CHANNEL_CLOSE)),
+        "{sent:?}"
+    );
+    assert!(p.client_out(b).is_empty());
+}
+
+#[test]
+fn broker_channel_close_drops_client_frames_until_close_ok() {
+    let mut p = Pair::new(Settings::default());
+    let (c, up) = p.connected_client();
+    let n = p.open_channel(c, up, 1);
+    let mut close = Vec::new();
+    m::put_close(
+        &mut close,
+        n,
+        406,
+        b"PRECONDITION_FAILED - unknown delivery tag 1",
+        (60, 80),
+    );
+    p.send_upstream(up, &close);
+    assert_eq!(close_of(&p.client_out(c)[0]).0, 406);
+    // A late ack from the client is dropped, not forwarded.
+    p.send_client(c, &method_frame(1, (60, 80), &[0, 0, 0, 0, 0, 0, 0, 2, 0]));
+    assert!(p.upstream_out(up).is_empty());
+    let mut ok = Vec::new();
+    m::put_close_ok(&mut ok, 1);
+    p.send_client(c, &ok);
+    let sent = p.upstream_out(up);
+    assert_eq!(
+        (mid(&sent[0]), sent[0].1),
+        (Some(method::CHANNEL_CLOSE_OK), n)
+    );
+    // The number is free again.
+    assert_eq!(p.open_channel(c, up, 1), n);
+}
+
+#[test]
+fn unsolicited_close_ok_keeps_the_mapping() {
+    let mut p = Pair::new(Settings::default());
+    let (c, up) = p.connected_client();
+    let n = p.open_channel(c, up, 1);
+    let mut ok = Vec::new();
+    m::put_close_ok(&mut ok, 1);
+    p.send_client(c, &ok);
+    assert!(p.upstream_out(up).is_empty());
+    p.send_client(c, &publish(1, b"q", b"still open"));
+    let sent = p.upstream_out(up);
+    assert_eq!(sent.len(), 3);
+    assert_eq!(sent[0].1, n);
+}
+
+#[test]
+fn client_channel_close_round_trip() {
+    let mut p = Pair::new(Settings::default());
+    let (c, up) = p.connected_client();
+    let n = p.open_channel(c, up, 3);
+    let mut close = Vec::new();
+    m::put_close(&mut close, 3, 200, b"bye", (0, 0));
+    p.send_client(c, &close);
+    let sent = p.upstream_out(up);
+    assert_eq!((mid(&sent[0]), sent[0].1), (Some(method::CHANNEL_CLOSE), n));
+    assert!(p.client_out(c).is_empty(), "CloseOk comes from the broker");
+    let mut ok = Vec::new();
+    m::put_close_ok(&mut ok, n);
+    p.send_upstream(up, &ok);
+    let got = p.client_out(c);
+    assert_eq!(
+        (mid(&got[0]), got[0].1),
+        (Some(method::CHANNEL_CLOSE_OK), 3)
+    );
+    assert_eq!(p.shard.counts().upstream_channels, 0);
+}
+
+#[test]
+fn blocked_goes_only_to_clients_that_asked() {
+    let mut p = Pair::new(Settings::default());
+    let (a, up) = p.connected_client(); // advertises connection.blocked
+    p.open_channel(a, up, 1);
+    let b = p.client("guest", "guest", &[], 131072);
+    p.client_out(b);
+    p.open_channel(b, up, 1);
+    let blocked = method_frame(0, method::CONNECTION_BLOCKED, &[3, b'm', b'e', b'm']);
+    p.send_upstream(up, &blocked);
+    assert_eq!(mid(&p.client_out(a)[0]), Some(method::CONNECTION_BLOCKED));
+    assert!(p.client_out(b).is_empty());
+}
+
+#[test]
+fn heartbeats_are_sent_to_a_client_that_only_publishes() {
+    let mut p = Pair::new(Settings::default());
+    let id = p.shard.client_connected("127.0.0.1:3".into(), p.now);
+    p.send_client(id, b"AMQP\x00\x00\x09\x01");
+    let mut bytes = Vec::new();
+    m::put_connection_start_ok(
+        &mut bytes,
+        &FieldTable::default(),
+        b"PLAIN",
+        b"\0guest\0guest",
+    );
+    m::put_tune(
+        &mut bytes,
+        true,
+        Tune {
+            channel_max: 0,
+            frame_max: 0,
+            heartbeat: 2,
+        },
+    );
+    m::put_connection_open(&mut bytes, b"/");
+    p.send_client(id, &bytes);
+    let up = p.connects()[0];
+    p.broker_accepts(up, "guest", "guest");
+    p.client_out(id);
+    let mut beats = 0;
+    for _ in 0..30 {
+        // The client keeps sending (a publish-only client) but reads nothing.
+        p.send_client(id, &[FRAME_HEARTBEAT, 0, 0, 0, 0, 0, 0, 0xCE]);
+        p.advance(Duration::from_millis(250));
+        beats += p
+            .client_out(id)
+            .iter()
+            .filter(|f| f.0 == FRAME_HEARTBEAT)
+            .count();
+    }
+    // 7.5 s at one heartbeat per second (half the 2 s interval).
+    assert!((6..=8).contains(&beats), "{beats} heartbeats");
+}
+
+#[test]
+fn amqplain_login_works() {
+    let mut p = Pair::new(Settings::default());
+    let id = p.shard.client_connected("127.0.0.1:4".into(), p.now);
+    p.send_client(id, b"AMQP\x00\x00\x09\x01");
+    let mut login = FieldTable::default();
+    login.insert("LOGIN", crate::protocol::table::string("guest"));
+    login.insert("PASSWORD", crate::protocol::table::string("s3cret"));
+    let mut response = Vec::new();
+    login.write_body(&mut response);
+    let mut bytes = Vec::new();
+    m::put_connection_start_ok(&mut bytes, &FieldTable::default(), b"AMQPLAIN", &response);
+    m::put_tune(
+        &mut bytes,
+        true,
+        Tune {
+            channel_max: 0,
+            frame_max: 0,
+            heartbeat: 0,
+        },
+    );
+    m::put_connection_open(&mut bytes, b"/");
+    p.send_client(id, &bytes);
+    let up = p.connects()[0];
+    p.broker_accepts(up, "guest", "s3cret");
+    let got = p.client_out(id);
+    assert_eq!(mid(got.last().unwrap()), Some(method::CONNECTION_OPEN_OK));
+}
+
+#[test]
+fn frames_on_unopened_channel_and_double_open_are_504() {
+    for bytes in [method_frame(9, (60, 80), &[0; 9]), {
+        let mut v = Vec::new();
+        m::put_channel_open(&mut v, 1);
+        m::put_channel_open(&mut v, 1);
+        v
+    }] {
+        let mut p = Pair::new(Settings::default());
+        let (c, _up) = p.connected_client();
+        p.send_client(c, &bytes);
+        let got = p.client_out(c);
+        let close = got
+            .iter()
+            .find(|f| mid(f) == Some(method::CONNECTION_CLOSE))
+            .unwrap();
+        assert_eq!(close_of(close).0, 504);
+    }
+}
