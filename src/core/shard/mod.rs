@@ -95,7 +95,9 @@ impl Shard {
     /// Bytes read from a client's socket.
     pub fn client_data(&mut self, id: ClientId, data: &[u8], now: Instant) {
         self.now = now;
-        let Some(c) = self.clients.get_mut(id.0) else { return };
+        let Some(c) = self.clients.get_mut(id.0) else {
+            return;
+        };
         c.last_received = now;
         if c.partial.is_empty() {
             let used = self.client_bytes(id, data);
@@ -143,7 +145,9 @@ impl Shard {
             if u.state == UpstreamState::Connecting {
                 u.state = UpstreamState::ExpectStart;
                 u.last_received = now;
-                self.upstream_send(id, |out| out.extend_from_slice(&crate::protocol::constants::PROTOCOL_HEADER));
+                self.upstream_send(id, |out| {
+                    out.extend_from_slice(&crate::protocol::constants::PROTOCOL_HEADER)
+                });
             }
         }
     }
@@ -151,16 +155,24 @@ impl Shard {
     /// The TCP connect failed, or the socket closed or failed later.
     pub fn upstream_gone(&mut self, id: UpstreamId, reason: &str, now: Instant) {
         self.now = now;
-        let Some(u) = self.upstreams.get(id.0) else { return };
+        let Some(u) = self.upstreams.get(id.0) else {
+            return;
+        };
         let (code, text) = if u.state == UpstreamState::Connecting {
             (
                 reply::INTERNAL_ERROR,
-                format!("INTERNAL_ERROR - upstream broker {} unreachable: {reason}", self.settings.upstream_name),
+                format!(
+                    "INTERNAL_ERROR - upstream broker {} unreachable: {reason}",
+                    self.settings.upstream_name
+                ),
             )
         } else {
             (
                 reply::CONNECTION_FORCED,
-                format!("CONNECTION_FORCED - upstream connection to {} lost: {reason}", self.settings.upstream_name),
+                format!(
+                    "CONNECTION_FORCED - upstream connection to {} lost: {reason}",
+                    self.settings.upstream_name
+                ),
             )
         };
         if u.state != UpstreamState::ExpectCloseOk {
@@ -172,7 +184,9 @@ impl Shard {
 
     pub fn upstream_data(&mut self, id: UpstreamId, data: &[u8], now: Instant) {
         self.now = now;
-        let Some(u) = self.upstreams.get_mut(id.0) else { return };
+        let Some(u) = self.upstreams.get_mut(id.0) else {
+            return;
+        };
         u.last_received = now;
         if u.partial.is_empty() {
             let used = self.upstream_bytes(id, data);
@@ -210,7 +224,9 @@ impl Shard {
                 }
             }
             ConnRef::Upstream(id) => {
-                let Some(u) = self.upstreams.get_mut(id.0) else { return };
+                let Some(u) = self.upstreams.get_mut(id.0) else {
+                    return;
+                };
                 consume(&mut u.out, n);
                 if u.out.len() < UPSTREAM_LOW_WATER && !u.paused_clients.is_empty() {
                     for c in std::mem::take(&mut u.paused_clients) {
@@ -229,7 +245,11 @@ impl Shard {
         match conn {
             ConnRef::Client(id) => self.drop_client(id),
             ConnRef::Upstream(id) => {
-                self.fail_upstream(id, reply::CONNECTION_FORCED, "CONNECTION_FORCED - upstream connection closed");
+                self.fail_upstream(
+                    id,
+                    reply::CONNECTION_FORCED,
+                    "CONNECTION_FORCED - upstream connection closed",
+                );
                 self.upstreams.remove(id.0);
             }
         }
@@ -254,7 +274,9 @@ impl Shard {
     // ---- shared helpers ---------------------------------------------------
 
     fn client_send(&mut self, id: ClientId, write: impl FnOnce(&mut Vec<u8>)) {
-        let Some(c) = self.clients.get_mut(id.0) else { return };
+        let Some(c) = self.clients.get_mut(id.0) else {
+            return;
+        };
         let was_empty = c.out.is_empty();
         write(&mut c.out);
         c.last_sent = self.now;
@@ -264,7 +286,9 @@ impl Shard {
     }
 
     fn upstream_send(&mut self, id: UpstreamId, write: impl FnOnce(&mut Vec<u8>)) {
-        let Some(u) = self.upstreams.get_mut(id.0) else { return };
+        let Some(u) = self.upstreams.get_mut(id.0) else {
+            return;
+        };
         let was_empty = u.out.is_empty();
         write(&mut u.out);
         u.last_sent = self.now;
@@ -275,11 +299,18 @@ impl Shard {
 
     /// Closes the client's connection with an error, to that client alone.
     fn fail_client(&mut self, id: ClientId, err: ConnectionError) {
-        let Some(c) = self.clients.get(id.0) else { return };
+        let Some(c) = self.clients.get(id.0) else {
+            return;
+        };
         if !is_live(c.state) {
             return;
         }
-        log::warn!("client {}: closing connection: {} {}", c.label(), err.code, err.text);
+        log::warn!(
+            "client {}: closing connection: {} {}",
+            c.label(),
+            err.code,
+            err.text
+        );
         // RabbitMQ closes the socket without a word for a peer that never
         // sent a valid header, and for an authentication failure when the
         // client did not ask for authentication_failure_close.
@@ -290,7 +321,9 @@ impl Shard {
             return;
         }
         self.release_client_channels(id);
-        self.client_send(id, |out| put_close(out, 0, err.code, err.text.as_bytes(), err.method));
+        self.client_send(id, |out| {
+            put_close(out, 0, err.code, err.text.as_bytes(), err.method)
+        });
         if let Some(c) = self.clients.get_mut(id.0) {
             c.state = ClientState::ExpectCloseOk;
             c.deadline = Some(self.now + super::CLOSE_TIMEOUT);
@@ -306,12 +339,15 @@ impl Shard {
             c.deadline = None;
             c.state = ClientState::Closed;
             c.partial = Vec::new();
-            self.actions.push(Action::CloseAfterFlush(ConnRef::Client(id)));
+            self.actions
+                .push(Action::CloseAfterFlush(ConnRef::Client(id)));
         }
     }
 
     fn drop_client(&mut self, id: ClientId) {
-        let Some(c) = self.clients.remove(id.0) else { return };
+        let Some(c) = self.clients.remove(id.0) else {
+            return;
+        };
         if let Some(pool) = c.pool {
             if let Some(p) = self.pools.get_mut(pool) {
                 p.clients -= 1;
@@ -325,11 +361,15 @@ impl Shard {
     /// (the number stays busy until CloseOk), broker-closed ones get the
     /// CloseOk the client never sent.
     fn release_client_channels(&mut self, id: ClientId) {
-        let Some(c) = self.clients.get_mut(id.0) else { return };
+        let Some(c) = self.clients.get_mut(id.0) else {
+            return;
+        };
         let links: Vec<_> = c.channels.drain().collect();
         for (ch, link) in links {
             let (uid, n) = (link.upstream, link.upstream_channel);
-            let Some(slot) = self.upstreams.get(uid.0).and_then(|u| u.slot(n)) else { continue };
+            let Some(slot) = self.upstreams.get(uid.0).and_then(|u| u.slot(n)) else {
+                continue;
+            };
             if slot.owner != Some((id, ch)) {
                 continue;
             }
@@ -350,7 +390,13 @@ impl Shard {
         }
     }
 
-    fn set_slot(&mut self, uid: UpstreamId, n: u16, state: SlotState, owner: Option<super::upstream::Owner>) {
+    fn set_slot(
+        &mut self,
+        uid: UpstreamId,
+        n: u16,
+        state: SlotState,
+        owner: Option<super::upstream::Owner>,
+    ) {
         if let Some(s) = self.upstreams.get_mut(uid.0).and_then(|u| u.slot_mut(n)) {
             s.state = state;
             s.owner = owner;
@@ -368,13 +414,22 @@ impl Shard {
     /// it gets Connection.Close with the broker's code and text; clients that
     /// were waiting for it to authenticate get the same answer.
     fn fail_upstream(&mut self, id: UpstreamId, code: u16, text: &str) {
-        let Some(u) = self.upstreams.get_mut(id.0) else { return };
+        let Some(u) = self.upstreams.get_mut(id.0) else {
+            return;
+        };
         let pool = u.pool;
         let was_open = u.state == UpstreamState::Open;
         let owners = u.owners();
         u.slots.clear();
         u.used = 0;
-        u.paused_clients.clear();
+        // Clients paused on this connection must be read again, if only to
+        // see their CloseOk.
+        for c in std::mem::take(&mut u.paused_clients) {
+            if let Some(client) = self.clients.get_mut(c.0) {
+                client.paused = false;
+                self.actions.push(Action::Resume(c));
+            }
+        }
         if let Some(p) = self.pools.get_mut(pool) {
             p.upstreams.retain(|x| *x != id);
         }
@@ -387,11 +442,25 @@ impl Shard {
             self.fail_client(client, ConnectionError::new(code, text, (0, 0)));
         }
         if !was_open {
-            let still_usable = self.pools.get(pool).is_some_and(|p| !p.upstreams.is_empty());
+            let still_usable = self
+                .pools
+                .get(pool)
+                .is_some_and(|p| !p.upstreams.is_empty());
             if !still_usable {
-                let waiting = self.pools.get_mut(pool).map(|p| std::mem::take(&mut p.waiting)).unwrap_or_default();
+                let waiting = self
+                    .pools
+                    .get_mut(pool)
+                    .map(|p| std::mem::take(&mut p.waiting))
+                    .unwrap_or_default();
                 for client in waiting {
-                    self.fail_client(client, ConnectionError::new(code, text, crate::protocol::constants::method::CONNECTION_OPEN));
+                    self.fail_client(
+                        client,
+                        ConnectionError::new(
+                            code,
+                            text,
+                            crate::protocol::constants::method::CONNECTION_OPEN,
+                        ),
+                    );
                 }
             }
         }
@@ -399,17 +468,30 @@ impl Shard {
     }
 
     fn maybe_drop_pool(&mut self, pool: PoolId) {
-        if self.pools.get(pool).is_some_and(|p| p.clients == 0 && p.upstreams.is_empty()) {
+        if self
+            .pools
+            .get(pool)
+            .is_some_and(|p| p.clients == 0 && p.upstreams.is_empty())
+        {
             self.pools.remove(pool);
         }
     }
 
     /// Finds or creates the pool for these credentials.
     fn pool_for(&mut self, credentials: Credentials) -> PoolId {
-        if let Some((id, _)) = self.pools.iter().find(|(_, p)| p.credentials.matches(&credentials)) {
+        if let Some((id, _)) = self
+            .pools
+            .iter()
+            .find(|(_, p)| p.credentials.matches(&credentials))
+        {
             return id;
         }
-        self.pools.insert(Pool { credentials, upstreams: Vec::new(), waiting: Vec::new(), clients: 0 })
+        self.pools.insert(Pool {
+            credentials,
+            upstreams: Vec::new(),
+            waiting: Vec::new(),
+            clients: 0,
+        })
     }
 
     /// Starts a new upstream connection for a pool.
@@ -430,9 +512,11 @@ impl Shard {
 
     fn pool_has_open_upstream(&self, pool: PoolId) -> bool {
         self.pools.get(pool).is_some_and(|p| {
-            p.upstreams
-                .iter()
-                .any(|u| self.upstreams.get(u.0).is_some_and(|u| u.state == UpstreamState::Open))
+            p.upstreams.iter().any(|u| {
+                self.upstreams
+                    .get(u.0)
+                    .is_some_and(|u| u.state == UpstreamState::Open)
+            })
         })
     }
 }
@@ -459,7 +543,6 @@ fn shrink_if_large(buf: &mut Vec<u8>) {
         *buf = Vec::new();
     }
 }
-
 
 #[cfg(test)]
 mod tests;
