@@ -3,9 +3,9 @@
 //! is the mio/thread shell around it.
 #![forbid(unsafe_code)]
 
-pub mod protocol;
-pub mod config;
-pub mod cli;
-pub mod core;
-pub mod server;
 pub mod app;
+pub mod cli;
+pub mod config;
+pub mod core;
+pub mod protocol;
+pub mod server;

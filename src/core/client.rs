@@ -151,7 +151,10 @@ pub fn server_properties() -> FieldTable {
     props.insert("product", string("AMQProxy"));
     props.insert("version", string(env!("CARGO_PKG_VERSION")));
     props.insert("platform", string("Rust"));
-    props.insert("information", string("AMQP 0-9-1 connection and channel pooling proxy"));
+    props.insert(
+        "information",
+        string("AMQP 0-9-1 connection and channel pooling proxy"),
+    );
     props
 }
 
@@ -164,7 +167,10 @@ pub fn capabilities_of(client_properties: &FieldTable) -> ClientCapabilities {
 }
 
 /// User and password from a PLAIN or AMQPLAIN response.
-pub fn parse_credentials(mechanism: &[u8], response: &[u8]) -> Result<(String, Vec<u8>), ConnectionError> {
+pub fn parse_credentials(
+    mechanism: &[u8],
+    response: &[u8],
+) -> Result<(String, Vec<u8>), ConnectionError> {
     let refused = |what: &str| {
         ConnectionError::new(
             reply::ACCESS_REFUSED,
@@ -180,13 +186,18 @@ pub fn parse_credentials(mechanism: &[u8], response: &[u8]) -> Result<(String, V
             // [authzid] NUL authcid NUL passwd
             let mut parts = response.splitn(3, |b| *b == 0);
             let _authzid = parts.next();
-            let user = parts.next().ok_or_else(|| refused("malformed PLAIN response"))?;
-            let password = parts.next().ok_or_else(|| refused("malformed PLAIN response"))?;
+            let user = parts
+                .next()
+                .ok_or_else(|| refused("malformed PLAIN response"))?;
+            let password = parts
+                .next()
+                .ok_or_else(|| refused("malformed PLAIN response"))?;
             (user.to_vec(), password.to_vec())
         }
         b"AMQPLAIN" => {
             // A field table without its length prefix.
-            let table = FieldTable::decode_body(response).map_err(|_| refused("malformed AMQPLAIN table"))?;
+            let table = FieldTable::decode_body(response)
+                .map_err(|_| refused("malformed AMQPLAIN table"))?;
             let field = |key: &str| match table.get(key) {
                 Some(FieldValue::LongStr(v)) => Ok(v.clone()),
                 _ => Err(refused("AMQPLAIN needs LOGIN and PASSWORD long strings")),
@@ -195,7 +206,10 @@ pub fn parse_credentials(mechanism: &[u8], response: &[u8]) -> Result<(String, V
         }
         _ => {
             return Err(ConnectionError::command_invalid(
-                format!("unknown authentication mechanism '{}'", String::from_utf8_lossy(mechanism)),
+                format!(
+                    "unknown authentication mechanism '{}'",
+                    String::from_utf8_lossy(mechanism)
+                ),
                 method::CONNECTION_START_OK,
             ))
         }
@@ -208,7 +222,11 @@ pub fn parse_credentials(mechanism: &[u8], response: &[u8]) -> Result<(String, V
 /// "whatever the server offered", frame_max below the minimum or above our
 /// offer and channel_max above our offer are NOT_ALLOWED.
 pub fn negotiate(offer: Tune, answer: Tune) -> Result<Tune, ConnectionError> {
-    let frame_max = if answer.frame_max == 0 { offer.frame_max } else { answer.frame_max };
+    let frame_max = if answer.frame_max == 0 {
+        offer.frame_max
+    } else {
+        answer.frame_max
+    };
     if frame_max < FRAME_MIN_SIZE {
         return Err(ConnectionError::not_allowed(
             format!("frame_max={frame_max} < {FRAME_MIN_SIZE} min size"),
@@ -221,20 +239,32 @@ pub fn negotiate(offer: Tune, answer: Tune) -> Result<Tune, ConnectionError> {
             method::CONNECTION_TUNE_OK,
         ));
     }
-    let channel_max = if answer.channel_max == 0 { offer.channel_max } else { answer.channel_max };
+    let channel_max = if answer.channel_max == 0 {
+        offer.channel_max
+    } else {
+        answer.channel_max
+    };
     if channel_max > offer.channel_max {
         return Err(ConnectionError::not_allowed(
             format!("channel_max={channel_max} > {} max size", offer.channel_max),
             method::CONNECTION_TUNE_OK,
         ));
     }
-    Ok(Tune { channel_max, frame_max, heartbeat: answer.heartbeat })
+    Ok(Tune {
+        channel_max,
+        frame_max,
+        heartbeat: answer.heartbeat,
+    })
 }
 
 /// The vhost of a Connection.Open, as text.
 pub fn vhost_of(raw: &[u8]) -> Result<String, ConnectionError> {
     String::from_utf8(raw.to_vec()).map_err(|_| {
-        ConnectionError::new(reply::INVALID_PATH, "INVALID_PATH - vhost is not UTF-8", method::CONNECTION_OPEN)
+        ConnectionError::new(
+            reply::INVALID_PATH,
+            "INVALID_PATH - vhost is not UTF-8",
+            method::CONNECTION_OPEN,
+        )
     })
 }
 
@@ -243,15 +273,20 @@ pub fn connection_name(props: &FieldTable) -> Option<String> {
     props.string("connection_name")
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn plain_with_and_without_authzid() {
-        assert_eq!(parse_credentials(b"PLAIN", b"\0guest\0secret").unwrap(), ("guest".into(), b"secret".to_vec()));
-        assert_eq!(parse_credentials(b"PLAIN", b"admin\0guest\0a\0b").unwrap(), ("guest".into(), b"a\0b".to_vec()));
+        assert_eq!(
+            parse_credentials(b"PLAIN", b"\0guest\0secret").unwrap(),
+            ("guest".into(), b"secret".to_vec())
+        );
+        assert_eq!(
+            parse_credentials(b"PLAIN", b"admin\0guest\0a\0b").unwrap(),
+            ("guest".into(), b"a\0b".to_vec())
+        );
         assert_eq!(parse_credentials(b"PLAIN", b"guest").unwrap_err().code, 403);
     }
 
@@ -262,7 +297,10 @@ mod tests {
         t.insert("PASSWORD", string("pw"));
         let mut body = Vec::new();
         t.write_body(&mut body);
-        assert_eq!(parse_credentials(b"AMQPLAIN", &body).unwrap(), ("guest".into(), b"pw".to_vec()));
+        assert_eq!(
+            parse_credentials(b"AMQPLAIN", &body).unwrap(),
+            ("guest".into(), b"pw".to_vec())
+        );
     }
 
     #[test]
@@ -270,7 +308,10 @@ mod tests {
         // LOGIN as a 32-bit integer instead of a long string.
         let body = [5, b'L', b'O', b'G', b'I', b'N', b'I', 0, 0, 0, 1];
         assert_eq!(parse_credentials(b"AMQPLAIN", &body).unwrap_err().code, 403);
-        assert_eq!(parse_credentials(b"AMQPLAIN", &[5, b'L']).unwrap_err().code, 403);
+        assert_eq!(
+            parse_credentials(b"AMQPLAIN", &[5, b'L']).unwrap_err().code,
+            403
+        );
     }
 
     #[test]
@@ -280,14 +321,84 @@ mod tests {
 
     #[test]
     fn tune_ok_negotiation() {
-        let offer = Tune { channel_max: 2047, frame_max: 131072, heartbeat: 60 };
-        let t = negotiate(offer, Tune { channel_max: 0, frame_max: 0, heartbeat: 0 }).unwrap();
-        assert_eq!(t, Tune { channel_max: 2047, frame_max: 131072, heartbeat: 0 });
-        let t = negotiate(offer, Tune { channel_max: 10, frame_max: 4096, heartbeat: 2 }).unwrap();
-        assert_eq!(t, Tune { channel_max: 10, frame_max: 4096, heartbeat: 2 });
-        assert_eq!(negotiate(offer, Tune { channel_max: 0, frame_max: 100, heartbeat: 0 }).unwrap_err().code, 530);
-        assert_eq!(negotiate(offer, Tune { channel_max: 0, frame_max: 1 << 20, heartbeat: 0 }).unwrap_err().code, 530);
-        assert_eq!(negotiate(offer, Tune { channel_max: 4000, frame_max: 0, heartbeat: 0 }).unwrap_err().code, 530);
+        let offer = Tune {
+            channel_max: 2047,
+            frame_max: 131072,
+            heartbeat: 60,
+        };
+        let t = negotiate(
+            offer,
+            Tune {
+                channel_max: 0,
+                frame_max: 0,
+                heartbeat: 0,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            t,
+            Tune {
+                channel_max: 2047,
+                frame_max: 131072,
+                heartbeat: 0
+            }
+        );
+        let t = negotiate(
+            offer,
+            Tune {
+                channel_max: 10,
+                frame_max: 4096,
+                heartbeat: 2,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            t,
+            Tune {
+                channel_max: 10,
+                frame_max: 4096,
+                heartbeat: 2
+            }
+        );
+        assert_eq!(
+            negotiate(
+                offer,
+                Tune {
+                    channel_max: 0,
+                    frame_max: 100,
+                    heartbeat: 0
+                }
+            )
+            .unwrap_err()
+            .code,
+            530
+        );
+        assert_eq!(
+            negotiate(
+                offer,
+                Tune {
+                    channel_max: 0,
+                    frame_max: 1 << 20,
+                    heartbeat: 0
+                }
+            )
+            .unwrap_err()
+            .code,
+            530
+        );
+        assert_eq!(
+            negotiate(
+                offer,
+                Tune {
+                    channel_max: 4000,
+                    frame_max: 0,
+                    heartbeat: 0
+                }
+            )
+            .unwrap_err()
+            .code,
+            530
+        );
     }
 
     #[test]

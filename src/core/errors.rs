@@ -17,7 +17,11 @@ pub struct ConnectionError {
 
 impl ConnectionError {
     pub fn new(code: u16, text: impl Into<String>, method: method::Id) -> Self {
-        ConnectionError { code, text: text.into(), method }
+        ConnectionError {
+            code,
+            text: text.into(),
+            method,
+        }
     }
 
     pub fn frame(e: FrameError) -> Self {
@@ -29,15 +33,27 @@ impl ConnectionError {
     }
 
     pub fn unexpected_frame(text: &str, method: method::Id) -> Self {
-        Self::new(reply::UNEXPECTED_FRAME, format!("UNEXPECTED_FRAME - {text}"), method)
+        Self::new(
+            reply::UNEXPECTED_FRAME,
+            format!("UNEXPECTED_FRAME - {text}"),
+            method,
+        )
     }
 
     pub fn channel(text: String, method: method::Id) -> Self {
-        Self::new(reply::CHANNEL_ERROR, format!("CHANNEL_ERROR - {text}"), method)
+        Self::new(
+            reply::CHANNEL_ERROR,
+            format!("CHANNEL_ERROR - {text}"),
+            method,
+        )
     }
 
     pub fn command_invalid(text: String, method: method::Id) -> Self {
-        Self::new(reply::COMMAND_INVALID, format!("COMMAND_INVALID - {text}"), method)
+        Self::new(
+            reply::COMMAND_INVALID,
+            format!("COMMAND_INVALID - {text}"),
+            method,
+        )
     }
 
     pub fn not_allowed(text: String, method: method::Id) -> Self {
@@ -45,7 +61,11 @@ impl ConnectionError {
     }
 
     pub fn not_implemented(text: &str, method: method::Id) -> Self {
-        Self::new(reply::NOT_IMPLEMENTED, format!("NOT_IMPLEMENTED - {text}"), method)
+        Self::new(
+            reply::NOT_IMPLEMENTED,
+            format!("NOT_IMPLEMENTED - {text}"),
+            method,
+        )
     }
 }
 
@@ -72,9 +92,10 @@ pub fn hard_error_for(id: method::Id, payload: &[u8]) -> Option<ConnectionError>
             Ok(true) => None,
             Err(e) => Some(ConnectionError::syntax(e, id)),
         },
-        method::CONNECTION_UPDATE_SECRET => {
-            Some(ConnectionError::not_implemented("connection.update-secret is not supported by the proxy", id))
-        }
+        method::CONNECTION_UPDATE_SECRET => Some(ConnectionError::not_implemented(
+            "connection.update-secret is not supported by the proxy",
+            id,
+        )),
         _ => None,
     }
 }
@@ -89,20 +110,38 @@ mod tests {
         let payload = [0, 60, 0, 40, 0, 0, 0, 1, b'q', 2];
         let e = hard_error_for(method::BASIC_PUBLISH, &payload).unwrap();
         assert_eq!(e.code, reply::NOT_IMPLEMENTED);
-        assert!(hard_error_for(method::BASIC_PUBLISH, &[0, 60, 0, 40, 0, 0, 0, 1, b'q', 1]).is_none());
+        assert!(
+            hard_error_for(method::BASIC_PUBLISH, &[0, 60, 0, 40, 0, 0, 0, 1, b'q', 1]).is_none()
+        );
     }
 
     #[test]
     fn qos_prefetch_size_is_540() {
         let mut out = Vec::new();
-        put_basic_qos(&mut out, 1, Qos { prefetch_size: 10, prefetch_count: 0, global: false });
+        put_basic_qos(
+            &mut out,
+            1,
+            Qos {
+                prefetch_size: 10,
+                prefetch_count: 0,
+                global: false,
+            },
+        );
         let payload = &out[7..out.len() - 1];
-        assert_eq!(hard_error_for(method::BASIC_QOS, payload).unwrap().code, 540);
+        assert_eq!(
+            hard_error_for(method::BASIC_QOS, payload).unwrap().code,
+            540
+        );
     }
 
     #[test]
     fn flow_off_is_540_flow_on_is_fine() {
-        assert_eq!(hard_error_for(method::CHANNEL_FLOW, &[0, 20, 0, 20, 0]).unwrap().code, 540);
+        assert_eq!(
+            hard_error_for(method::CHANNEL_FLOW, &[0, 20, 0, 20, 0])
+                .unwrap()
+                .code,
+            540
+        );
         assert!(hard_error_for(method::CHANNEL_FLOW, &[0, 20, 0, 20, 1]).is_none());
     }
 }

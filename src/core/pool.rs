@@ -62,7 +62,11 @@ mod tests {
 
     #[test]
     fn credentials_compare_all_three_parts() {
-        let a = Credentials { user: "u".into(), password: b"p".to_vec(), vhost: "/".into() };
+        let a = Credentials {
+            user: "u".into(),
+            password: b"p".to_vec(),
+            vhost: "/".into(),
+        };
         let mut b = a.clone();
         assert!(a.matches(&b));
         b.password = b"q".to_vec();

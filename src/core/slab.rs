@@ -26,7 +26,11 @@ pub struct Slab<T> {
 
 impl<T> Default for Slab<T> {
     fn default() -> Self {
-        Slab { entries: Vec::new(), free: Vec::new(), len: 0 }
+        Slab {
+            entries: Vec::new(),
+            free: Vec::new(),
+            len: 0,
+        }
     }
 }
 
@@ -37,11 +41,20 @@ impl<T> Slab<T> {
             let e = &mut self.entries[index as usize];
             e.generation = e.generation.wrapping_add(1) & GENERATION_MASK;
             e.value = Some(value);
-            return Key { index, generation: e.generation };
+            return Key {
+                index,
+                generation: e.generation,
+            };
         }
         let index = self.entries.len() as u32;
-        self.entries.push(Entry { generation: 0, value: Some(value) });
-        Key { index, generation: 0 }
+        self.entries.push(Entry {
+            generation: 0,
+            value: Some(value),
+        });
+        Key {
+            index,
+            generation: 0,
+        }
     }
 
     pub fn get(&self, key: Key) -> Option<&T> {
@@ -79,13 +92,24 @@ impl<T> Slab<T> {
 
     pub fn keys(&self) -> impl Iterator<Item = Key> + '_ {
         self.entries.iter().enumerate().filter_map(|(i, e)| {
-            e.value.as_ref().map(|_| Key { index: i as u32, generation: e.generation })
+            e.value.as_ref().map(|_| Key {
+                index: i as u32,
+                generation: e.generation,
+            })
         })
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (Key, &T)> + '_ {
         self.entries.iter().enumerate().filter_map(|(i, e)| {
-            e.value.as_ref().map(|v| (Key { index: i as u32, generation: e.generation }, v))
+            e.value.as_ref().map(|v| {
+                (
+                    Key {
+                        index: i as u32,
+                        generation: e.generation,
+                    },
+                    v,
+                )
+            })
         })
     }
 }

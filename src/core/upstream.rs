@@ -75,11 +75,20 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(pool: PoolId, now: Instant, channel_limit: u16, connect_timeout: std::time::Duration) -> Self {
+    pub fn new(
+        pool: PoolId,
+        now: Instant,
+        channel_limit: u16,
+        connect_timeout: std::time::Duration,
+    ) -> Self {
         Upstream {
             pool,
             state: UpstreamState::Connecting,
-            tune: Tune { channel_max: channel_limit, frame_max: 131072, heartbeat: 0 },
+            tune: Tune {
+                channel_max: channel_limit,
+                frame_max: 131072,
+                heartbeat: 0,
+            },
             channel_limit,
             slots: Vec::new(),
             used: 0,
@@ -145,7 +154,12 @@ impl Upstream {
 
     /// Distinct clients with a channel here.
     pub fn owners(&self) -> Vec<ClientId> {
-        let mut v: Vec<ClientId> = self.slots.iter().flatten().filter_map(|s| s.owner.map(|o| o.0)).collect();
+        let mut v: Vec<ClientId> = self
+            .slots
+            .iter()
+            .flatten()
+            .filter_map(|s| s.owner.map(|o| o.0))
+            .collect();
         v.sort();
         v.dedup();
         v
@@ -179,8 +193,16 @@ pub fn client_properties(connection_name: &str) -> FieldTable {
 /// Our TuneOk to the broker's Tune: accept its frame_max and heartbeat,
 /// and its channel_max capped by our own limit (0 means "no limit").
 pub fn answer_tune(broker: Tune, max_upstream_channels: u16) -> Tune {
-    let broker_channels = if broker.channel_max == 0 { u16::MAX } else { broker.channel_max };
-    let frame_max = if broker.frame_max == 0 { 131072 } else { broker.frame_max };
+    let broker_channels = if broker.channel_max == 0 {
+        u16::MAX
+    } else {
+        broker.channel_max
+    };
+    let frame_max = if broker.frame_max == 0 {
+        131072
+    } else {
+        broker.frame_max
+    };
     Tune {
         channel_max: broker_channels.min(max_upstream_channels),
         frame_max,
@@ -194,13 +216,24 @@ mod tests {
     use crate::core::slab::Key;
 
     fn upstream(limit: u16) -> Upstream {
-        Upstream::new(Key { index: 0, generation: 0 }, Instant::now(), limit, std::time::Duration::from_secs(1))
+        Upstream::new(
+            Key {
+                index: 0,
+                generation: 0,
+            },
+            Instant::now(),
+            limit,
+            std::time::Duration::from_secs(1),
+        )
     }
 
     #[test]
     fn allocation_is_lowest_free_and_bounded() {
         let mut u = upstream(3);
-        let slot = Slot { state: SlotState::Open, owner: None };
+        let slot = Slot {
+            state: SlotState::Open,
+            owner: None,
+        };
         assert_eq!(u.allocate(slot), Some(1));
         assert_eq!(u.allocate(slot), Some(2));
         assert_eq!(u.allocate(slot), Some(3));
@@ -212,7 +245,12 @@ mod tests {
     #[test]
     fn freeing_the_last_channel_starts_the_idle_clock() {
         let mut u = upstream(3);
-        let n = u.allocate(Slot { state: SlotState::Open, owner: None }).unwrap();
+        let n = u
+            .allocate(Slot {
+                state: SlotState::Open,
+                owner: None,
+            })
+            .unwrap();
         assert!(u.idle_since.is_none());
         u.free(n, Instant::now());
         assert!(u.idle_since.is_some());
@@ -222,9 +260,30 @@ mod tests {
 
     #[test]
     fn tune_answer_caps_channels() {
-        let t = answer_tune(Tune { channel_max: 2047, frame_max: 131072, heartbeat: 60 }, 3);
-        assert_eq!(t, Tune { channel_max: 3, frame_max: 131072, heartbeat: 60 });
-        let t = answer_tune(Tune { channel_max: 0, frame_max: 0, heartbeat: 0 }, u16::MAX);
+        let t = answer_tune(
+            Tune {
+                channel_max: 2047,
+                frame_max: 131072,
+                heartbeat: 60,
+            },
+            3,
+        );
+        assert_eq!(
+            t,
+            Tune {
+                channel_max: 3,
+                frame_max: 131072,
+                heartbeat: 60
+            }
+        );
+        let t = answer_tune(
+            Tune {
+                channel_max: 0,
+                frame_max: 0,
+                heartbeat: 0,
+            },
+            u16::MAX,
+        );
         assert_eq!(t.channel_max, u16::MAX);
     }
 }

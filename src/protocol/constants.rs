@@ -90,6 +90,9 @@ pub mod method {
 
     /// Methods followed by a content header and body frames.
     pub fn has_content(id: Id) -> bool {
-        matches!(id, BASIC_PUBLISH | BASIC_RETURN | BASIC_DELIVER | BASIC_GET_OK)
+        matches!(
+            id,
+            BASIC_PUBLISH | BASIC_RETURN | BASIC_DELIVER | BASIC_GET_OK
+        )
     }
 }

@@ -63,7 +63,10 @@ impl fmt::Display for FrameError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             FrameError::BadFrameEnd { found } => {
-                write!(f, "FRAME_ERROR - frame end octet was {found:#04x}, expected 0xce")
+                write!(
+                    f,
+                    "FRAME_ERROR - frame end octet was {found:#04x}, expected 0xce"
+                )
             }
             FrameError::TooLarge { size, frame_max } => write!(
                 f,

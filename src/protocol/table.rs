@@ -6,7 +6,9 @@
 //! hostile table cannot exhaust the stack, and never allocates more than the
 //! bytes actually present.
 
-use super::codec::{put_longstr, put_shortstr, put_u32, put_u64, DecodeError, DecodeResult, Reader};
+use super::codec::{
+    put_longstr, put_shortstr, put_u32, put_u64, DecodeError, DecodeResult, Reader,
+};
 
 /// Nested tables/arrays deeper than this are rejected.
 pub const MAX_DEPTH: usize = 16;
@@ -123,7 +125,10 @@ fn read_value(r: &mut Reader<'_>, depth: usize) -> DecodeResult<FieldValue> {
         b'x' => FieldValue::Bytes(r.longstr()?.to_vec()),
         b'T' => FieldValue::Timestamp(r.u64()?),
         b'V' => FieldValue::Void,
-        b'F' => FieldValue::Table(decode_entries(&mut Reader::new(r.table_bytes()?), depth + 1)?),
+        b'F' => FieldValue::Table(decode_entries(
+            &mut Reader::new(r.table_bytes()?),
+            depth + 1,
+        )?),
         b'A' => {
             let mut inner = Reader::new(r.longstr()?);
             let mut values = Vec::new();
@@ -219,7 +224,10 @@ mod tests {
         let mut t = FieldTable::default();
         t.insert("product", string("pika"));
         t.insert("capabilities", FieldValue::Table(caps));
-        t.insert("n", FieldValue::Array(vec![FieldValue::I64(-5), FieldValue::Void]));
+        t.insert(
+            "n",
+            FieldValue::Array(vec![FieldValue::I64(-5), FieldValue::Void]),
+        );
         t.insert("ts", FieldValue::Timestamp(7));
         t.insert("d", FieldValue::Decimal(2, 314));
         t

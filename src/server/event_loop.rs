@@ -41,7 +41,8 @@ impl EventLoop {
     pub fn new(mut listeners: Vec<mio::net::TcpListener>, shared: Arc<Shared>) -> io::Result<Self> {
         let poll = Poll::new()?;
         for (i, l) in listeners.iter_mut().enumerate() {
-            poll.registry().register(l, token::listener(i), Interest::READABLE)?;
+            poll.registry()
+                .register(l, token::listener(i), Interest::READABLE)?;
         }
         let waker = Arc::new(Waker::new(poll.registry(), token::WAKER)?);
         let n = listeners.len();
@@ -69,8 +70,13 @@ impl EventLoop {
     pub fn run(&mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
         loop {
-            let busy = self.backlog.iter().any(|b| !b.is_empty()) || self.accept_pending.iter().any(|p| *p);
-            let timeout = if busy { Some(Duration::from_millis(1)) } else { None };
+            let busy = self.backlog.iter().any(|b| !b.is_empty())
+                || self.accept_pending.iter().any(|p| *p);
+            let timeout = if busy {
+                Some(Duration::from_millis(1))
+            } else {
+                None
+            };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -103,7 +109,9 @@ impl EventLoop {
 
     fn route(&mut self, t: Token, ready: Ready) {
         let w = token::worker_of(t);
-        let Some(worker) = self.workers.get(w) else { return };
+        let Some(worker) = self.workers.get(w) else {
+            return;
+        };
         if !self.backlog[w].is_empty() {
             merge(&mut self.backlog[w], t, ready);
             return;
@@ -117,7 +125,9 @@ impl EventLoop {
         for (w, backlog) in self.backlog.iter_mut().enumerate() {
             let keys: Vec<Token> = backlog.keys().copied().collect();
             for t in keys {
-                let Some(ready) = backlog.get(&t).copied() else { continue };
+                let Some(ready) = backlog.get(&t).copied() else {
+                    continue;
+                };
                 match self.workers[w].send(WorkerMsg::Ready(t, ready)) {
                     Ok(()) => {
                         backlog.remove(&t);
@@ -137,11 +147,15 @@ impl EventLoop {
                     let max = self.shared.max_client_connections;
                     let open = self.shared.client_connections.load(Ordering::Relaxed);
                     if max > 0 && open >= max {
-                        log::warn!("refusing client {peer}: max_client_connections ({max}) reached");
+                        log::warn!(
+                            "refusing client {peer}: max_client_connections ({max}) reached"
+                        );
                         drop(stream);
                         continue;
                     }
-                    self.shared.client_connections.fetch_add(1, Ordering::Relaxed);
+                    self.shared
+                        .client_connections
+                        .fetch_add(1, Ordering::Relaxed);
                     let w = self.next_worker % self.workers.len().max(1);
                     self.next_worker = self.next_worker.wrapping_add(1);
                     match self.workers[w].send(WorkerMsg::Accept(stream, peer)) {
@@ -149,7 +163,9 @@ impl EventLoop {
                         Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                             // Dropping the stream closes it; the client may retry.
                             log::warn!("refusing client {peer}: worker {w} queue is full");
-                            self.shared.client_connections.fetch_sub(1, Ordering::Relaxed);
+                            self.shared
+                                .client_connections
+                                .fetch_sub(1, Ordering::Relaxed);
                             return false;
                         }
                     }

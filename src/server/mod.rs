@@ -45,7 +45,11 @@ pub fn settings_from(config: &Config) -> Settings {
 /// Binds the listeners, starts the workers and runs the event loop on the
 /// calling thread until it fails.
 pub fn run(config: Config) -> io::Result<()> {
-    let listeners = net::bind_listeners(&config.listen_address, config.listen_port, config.listen_backlog)?;
+    let listeners = net::bind_listeners(
+        &config.listen_address,
+        config.listen_port,
+        config.listen_backlog,
+    )?;
     for l in &listeners {
         log::info!("listening on {}", l.local_addr()?);
     }

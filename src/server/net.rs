@@ -7,7 +7,11 @@ use std::net::{SocketAddr, ToSocketAddrs};
 
 /// Binds every address `host` resolves to (so `localhost` serves both
 /// 127.0.0.1 and ::1); fails only if none can be bound.
-pub fn bind_listeners(host: &str, port: u16, backlog: u32) -> io::Result<Vec<mio::net::TcpListener>> {
+pub fn bind_listeners(
+    host: &str,
+    port: u16,
+    backlog: u32,
+) -> io::Result<Vec<mio::net::TcpListener>> {
     let mut addrs: Vec<SocketAddr> = (host, port).to_socket_addrs()?.collect();
     addrs.sort();
     addrs.dedup();
@@ -18,12 +22,16 @@ pub fn bind_listeners(host: &str, port: u16, backlog: u32) -> io::Result<Vec<mio
             Ok(l) => listeners.push(l),
             Err(e) => {
                 log::debug!("cannot listen on {addr}: {e}");
-                last_error = Some(io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")));
+                last_error = Some(io::Error::new(
+                    e.kind(),
+                    format!("cannot listen on {addr}: {e}"),
+                ));
             }
         }
     }
     if listeners.is_empty() {
-        return Err(last_error.unwrap_or_else(|| io::Error::other(format!("{host} resolves to no address"))));
+        return Err(last_error
+            .unwrap_or_else(|| io::Error::other(format!("{host} resolves to no address"))));
     }
     Ok(listeners)
 }

@@ -63,8 +63,14 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let key = Key { index: 77, generation: GENERATION_MASK_U32 };
-        for conn in [ConnRef::Client(ClientId(key)), ConnRef::Upstream(UpstreamId(key))] {
+        let key = Key {
+            index: 77,
+            generation: GENERATION_MASK_U32,
+        };
+        for conn in [
+            ConnRef::Client(ClientId(key)),
+            ConnRef::Upstream(UpstreamId(key)),
+        ] {
             let t = encode(3, conn);
             assert_eq!(worker_of(t), 3);
             assert_eq!(decode(t), conn);

@@ -60,11 +60,16 @@ pub fn spawn(
     shared: Arc<Shared>,
 ) -> io::Result<WorkerHandle> {
     let (sender, receiver) = crossbeam_channel::bounded(QUEUE_CAPACITY);
-    let thread = std::thread::Builder::new().name(format!("worker-{index}")).spawn(move || {
-        let mut worker = Worker::new(index, settings, upstream, registry, shared);
-        worker.run(receiver);
-    })?;
-    Ok(WorkerHandle { sender, _thread: thread })
+    let thread = std::thread::Builder::new()
+        .name(format!("worker-{index}"))
+        .spawn(move || {
+            let mut worker = Worker::new(index, settings, upstream, registry, shared);
+            worker.run(receiver);
+        })?;
+    Ok(WorkerHandle {
+        sender,
+        _thread: thread,
+    })
 }
 
 struct Socket {
@@ -89,7 +94,13 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(index: usize, settings: Settings, upstream: String, registry: Registry, shared: Arc<Shared>) -> Self {
+    fn new(
+        index: usize,
+        settings: Settings,
+        upstream: String,
+        registry: Registry,
+        shared: Arc<Shared>,
+    ) -> Self {
         Worker {
             index,
             shard: Shard::new(settings, Instant::now()),
@@ -175,7 +186,9 @@ impl Worker {
             WorkerMsg::Accept(stream, peer) => self.accept(stream, peer),
             WorkerMsg::Ready(t, ready) => {
                 let conn = token::decode(t);
-                let Some(sock) = self.socket(conn) else { return };
+                let Some(sock) = self.socket(conn) else {
+                    return;
+                };
                 if sock.connecting {
                     if let ConnRef::Upstream(id) = conn {
                         self.check_connect(id);
@@ -193,16 +206,30 @@ impl Worker {
     }
 
     fn accept(&mut self, mut stream: TcpStream, peer: SocketAddr) {
-        let id = self.shard.client_connected(peer.to_string(), Instant::now());
+        let id = self
+            .shard
+            .client_connected(peer.to_string(), Instant::now());
         let t = token::encode(self.index, ConnRef::Client(id));
         net::tune_stream(&stream, false);
-        if let Err(e) = self.registry.register(&mut stream, t, Interest::READABLE | Interest::WRITABLE) {
+        if let Err(e) =
+            self.registry
+                .register(&mut stream, t, Interest::READABLE | Interest::WRITABLE)
+        {
             log::warn!("client {peer}: cannot register socket: {e}");
             self.shard.client_gone(id, Instant::now());
-            self.shared.client_connections.fetch_sub(1, Ordering::Relaxed);
+            self.shared
+                .client_connections
+                .fetch_sub(1, Ordering::Relaxed);
             return;
         }
-        put(&mut self.clients, id.0.index, Socket { stream, connecting: false });
+        put(
+            &mut self.clients,
+            id.0.index,
+            Socket {
+                stream,
+                connecting: false,
+            },
+        );
         // Bytes may already be waiting; the edge may have fired before the
         // registration, so read now.
         self.read(ConnRef::Client(id));
@@ -320,7 +347,9 @@ impl Worker {
         if let Some(mut sock) = slot.and_then(|s| s.take()) {
             let _ = self.registry.deregister(&mut sock.stream);
             if matches!(conn, ConnRef::Client(_)) {
-                self.shared.client_connections.fetch_sub(1, Ordering::Relaxed);
+                self.shared
+                    .client_connections
+                    .fetch_sub(1, Ordering::Relaxed);
             }
         }
     }
@@ -334,7 +363,10 @@ impl Worker {
         }
         let addrs: Vec<SocketAddr> = self.upstream.to_socket_addrs()?.collect();
         if addrs.is_empty() {
-            return Err(io::Error::other(format!("{} resolves to no address", self.upstream)));
+            return Err(io::Error::other(format!(
+                "{} resolves to no address",
+                self.upstream
+            )));
         }
         self.resolved = Some((now, addrs.clone()));
         Ok(addrs)
@@ -360,15 +392,27 @@ impl Worker {
             }
         };
         let t = token::encode(self.index, ConnRef::Upstream(id));
-        if let Err(e) = self.registry.register(&mut stream, t, Interest::READABLE | Interest::WRITABLE) {
+        if let Err(e) =
+            self.registry
+                .register(&mut stream, t, Interest::READABLE | Interest::WRITABLE)
+        {
             self.shard.upstream_gone(id, &e.to_string(), Instant::now());
             return;
         }
-        put(&mut self.upstreams, id.0.index, Socket { stream, connecting: true });
+        put(
+            &mut self.upstreams,
+            id.0.index,
+            Socket {
+                stream,
+                connecting: true,
+            },
+        );
     }
 
     fn check_connect(&mut self, id: UpstreamId) {
-        let Some(Some(sock)) = self.upstreams.get_mut(id.0.index as usize) else { return };
+        let Some(Some(sock)) = self.upstreams.get_mut(id.0.index as usize) else {
+            return;
+        };
         let status = match sock.stream.take_error() {
             Ok(Some(e)) | Err(e) => Err(e),
             Ok(None) => match sock.stream.peer_addr() {

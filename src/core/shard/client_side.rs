@@ -3,7 +3,8 @@
 
 use super::{is_live, Shard};
 use crate::core::client::{
-    self, capabilities_of, connection_name, negotiate, ChannelLink, ChannelState, ClientState, Publishing,
+    self, capabilities_of, connection_name, negotiate, ChannelLink, ChannelState, ClientState,
+    Publishing,
 };
 use crate::core::errors::{hard_error_for, ConnectionError};
 use crate::core::pool::Credentials;
@@ -15,8 +16,8 @@ use crate::protocol::constants::{
 };
 use crate::protocol::frame::{parse_frame, put_body_frames, put_frame, FrameStatus};
 use crate::protocol::methods::{
-    self, put_channel_open, put_close, put_close_ok, put_connection_open_ok, put_connection_start, put_tune,
-    ContentHeader, StartOk, Tune,
+    self, put_channel_open, put_close, put_close_ok, put_connection_open_ok, put_connection_start,
+    put_tune, ContentHeader, StartOk, Tune,
 };
 use crate::protocol::Frame;
 
@@ -26,7 +27,9 @@ impl Shard {
     pub(super) fn client_bytes(&mut self, id: ClientId, buf: &[u8]) -> usize {
         let mut pos = 0;
         loop {
-            let Some(c) = self.clients.get(id.0) else { return buf.len() };
+            let Some(c) = self.clients.get(id.0) else {
+                return buf.len();
+            };
             let state = c.state;
             let frame_max = c.frame_max;
             if !is_live(state) {
@@ -60,7 +63,12 @@ impl Shard {
     fn client_protocol_header(&mut self, id: ClientId, header: &[u8]) {
         if header == PROTOCOL_HEADER || header == PROTOCOL_HEADER_0_9 {
             self.client_send(id, |out| {
-                put_connection_start(out, &client::server_properties(), b"PLAIN AMQPLAIN", b"en_US")
+                put_connection_start(
+                    out,
+                    &client::server_properties(),
+                    b"PLAIN AMQPLAIN",
+                    b"en_US",
+                )
             });
             if let Some(c) = self.clients.get_mut(id.0) {
                 c.state = ClientState::ExpectStartOk;
@@ -69,14 +77,20 @@ impl Shard {
             // The spec: answer with the header we do speak, then close.
             self.client_send(id, |out| out.extend_from_slice(&PROTOCOL_HEADER));
             if let Some(c) = self.clients.get(id.0) {
-                log::info!("client {}: bad protocol header {:?}", c.label(), String::from_utf8_lossy(header));
+                log::info!(
+                    "client {}: bad protocol header {:?}",
+                    c.label(),
+                    String::from_utf8_lossy(header)
+                );
             }
             self.close_client_now(id);
         }
     }
 
     fn client_frame(&mut self, id: ClientId, frame: Frame<'_>) -> Result<(), ConnectionError> {
-        let Some(c) = self.clients.get(id.0) else { return Ok(()) };
+        let Some(c) = self.clients.get(id.0) else {
+            return Ok(());
+        };
         let state = c.state;
         if frame.frame_type == FRAME_HEARTBEAT {
             if frame.channel != 0 {
@@ -105,7 +119,10 @@ impl Shard {
             },
             ClientState::ExpectCloseOk => {
                 if frame.channel == 0
-                    && matches!(frame.method_id(), Some(method::CONNECTION_CLOSE_OK | method::CONNECTION_CLOSE))
+                    && matches!(
+                        frame.method_id(),
+                        Some(method::CONNECTION_CLOSE_OK | method::CONNECTION_CLOSE)
+                    )
                 {
                     if frame.method_id() == Some(method::CONNECTION_CLOSE) {
                         self.client_send(id, |out| put_close_ok(out, 0));
@@ -141,10 +158,15 @@ impl Shard {
             ));
         }
         let settings = &self.settings;
-        let offer = Tune { channel_max: settings.channel_max, frame_max: settings.frame_max, heartbeat: settings.heartbeat };
+        let offer = Tune {
+            channel_max: settings.channel_max,
+            frame_max: settings.frame_max,
+            heartbeat: settings.heartbeat,
+        };
         match state {
             ClientState::ExpectStartOk => {
-                let start_ok = StartOk::decode(frame.payload).map_err(|e| ConnectionError::syntax(e, expected))?;
+                let start_ok = StartOk::decode(frame.payload)
+                    .map_err(|e| ConnectionError::syntax(e, expected))?;
                 let caps = capabilities_of(&start_ok.client_properties);
                 let name = connection_name(&start_ok.client_properties);
                 let credentials = client::parse_credentials(start_ok.mechanism, start_ok.response);
@@ -154,13 +176,18 @@ impl Shard {
                 }
                 let (user, password) = credentials?;
                 if let Some(c) = self.clients.get_mut(id.0) {
-                    c.credentials = Some(Credentials { user, password, vhost: String::new() });
+                    c.credentials = Some(Credentials {
+                        user,
+                        password,
+                        vhost: String::new(),
+                    });
                     c.state = ClientState::ExpectTuneOk;
                 }
                 self.client_send(id, |out| put_tune(out, false, offer));
             }
             ClientState::ExpectTuneOk => {
-                let answer = Tune::decode(frame.payload).map_err(|e| ConnectionError::syntax(e, expected))?;
+                let answer = Tune::decode(frame.payload)
+                    .map_err(|e| ConnectionError::syntax(e, expected))?;
                 let tune = negotiate(offer, answer)?;
                 if let Some(c) = self.clients.get_mut(id.0) {
                     c.frame_max = tune.frame_max;
@@ -170,7 +197,8 @@ impl Shard {
                 }
             }
             _ => {
-                let vhost = methods::decode_open_vhost(frame.payload).map_err(|e| ConnectionError::syntax(e, expected))?;
+                let vhost = methods::decode_open_vhost(frame.payload)
+                    .map_err(|e| ConnectionError::syntax(e, expected))?;
                 let vhost = client::vhost_of(vhost)?;
                 self.client_connection_open(id, vhost);
             }
@@ -181,8 +209,12 @@ impl Shard {
     /// Connection.Open: OpenOk only once an upstream connection with the
     /// same credentials is authenticated.
     fn client_connection_open(&mut self, id: ClientId, vhost: String) {
-        let Some(c) = self.clients.get_mut(id.0) else { return };
-        let Some(mut credentials) = c.credentials.take() else { return };
+        let Some(c) = self.clients.get_mut(id.0) else {
+            return;
+        };
+        let Some(mut credentials) = c.credentials.take() else {
+            return;
+        };
         credentials.vhost = vhost;
         let pool = self.pool_for(credentials);
         if let Some(p) = self.pools.get_mut(pool) {
@@ -198,7 +230,10 @@ impl Shard {
         if let Some(c) = self.clients.get_mut(id.0) {
             c.state = ClientState::ExpectUpstream;
         }
-        let connecting = self.pools.get(pool).is_some_and(|p| !p.upstreams.is_empty());
+        let connecting = self
+            .pools
+            .get(pool)
+            .is_some_and(|p| !p.upstreams.is_empty());
         if let Some(p) = self.pools.get_mut(pool) {
             p.waiting.push(id);
         }
@@ -209,7 +244,9 @@ impl Shard {
 
     /// Sends OpenOk: the session is now open.
     pub(super) fn client_opened(&mut self, id: ClientId) {
-        let Some(c) = self.clients.get_mut(id.0) else { return };
+        let Some(c) = self.clients.get_mut(id.0) else {
+            return;
+        };
         c.state = ClientState::Open;
         c.deadline = None;
         log::info!("client {} connected", c.label());
@@ -233,21 +270,32 @@ impl Shard {
             return self.client_channel_zero(id, frame);
         }
         let method_id = if frame.frame_type == FRAME_METHOD {
-            Some(methods::method_id(frame.payload).map_err(|e| ConnectionError::syntax(e, (0, 0)))?)
+            Some(
+                methods::method_id(frame.payload)
+                    .map_err(|e| ConnectionError::syntax(e, (0, 0)))?,
+            )
         } else {
             None
         };
-        let Some(c) = self.clients.get(id.0) else { return Ok(()) };
+        let Some(c) = self.clients.get(id.0) else {
+            return Ok(());
+        };
         if ch > c.channel_max {
             return Err(ConnectionError::channel(
-                format!("channel {ch} is above the negotiated channel_max {}", c.channel_max),
+                format!(
+                    "channel {ch} is above the negotiated channel_max {}",
+                    c.channel_max
+                ),
                 method_id.unwrap_or((0, 0)),
             ));
         }
         let link_state = c.channels.get(&ch).map(|l| l.state);
         if method_id == Some(method::CHANNEL_OPEN) {
             if link_state.is_some() {
-                return Err(ConnectionError::channel(format!("second 'channel.open' seen on channel {ch}"), method::CHANNEL_OPEN));
+                return Err(ConnectionError::channel(
+                    format!("second 'channel.open' seen on channel {ch}"),
+                    method::CHANNEL_OPEN,
+                ));
             }
             return self.client_channel_open(id, ch);
         }
@@ -262,7 +310,9 @@ impl Shard {
                 match method_id {
                     Some(method::CHANNEL_CLOSE_OK) => self.client_channel_close_ok(id, ch),
                     // Both sides closed at once: answer as the broker would.
-                    Some(method::CHANNEL_CLOSE) => self.client_send(id, |out| put_close_ok(out, ch)),
+                    Some(method::CHANNEL_CLOSE) => {
+                        self.client_send(id, |out| put_close_ok(out, ch))
+                    }
                     // Everything else is dropped until the client's CloseOk.
                     _ => {}
                 }
@@ -270,15 +320,25 @@ impl Shard {
             }
             // The client already sent Close; it must wait for CloseOk.
             ChannelState::ClosingByClient => Ok(()),
-            ChannelState::Opening | ChannelState::Open => self.client_channel_frame(id, frame, method_id),
+            ChannelState::Opening | ChannelState::Open => {
+                self.client_channel_frame(id, frame, method_id)
+            }
         }
     }
 
-    fn client_channel_zero(&mut self, id: ClientId, frame: Frame<'_>) -> Result<(), ConnectionError> {
+    fn client_channel_zero(
+        &mut self,
+        id: ClientId,
+        frame: Frame<'_>,
+    ) -> Result<(), ConnectionError> {
         if frame.frame_type != FRAME_METHOD {
-            return Err(ConnectionError::unexpected_frame("content frame on channel 0", (0, 0)));
+            return Err(ConnectionError::unexpected_frame(
+                "content frame on channel 0",
+                (0, 0),
+            ));
         }
-        let id_ = methods::method_id(frame.payload).map_err(|e| ConnectionError::syntax(e, (0, 0)))?;
+        let id_ =
+            methods::method_id(frame.payload).map_err(|e| ConnectionError::syntax(e, (0, 0)))?;
         if let Some(e) = hard_error_for(id_, frame.payload) {
             return Err(e);
         }
@@ -301,20 +361,32 @@ impl Shard {
     }
 
     fn client_channel_open(&mut self, id: ClientId, ch: u16) -> Result<(), ConnectionError> {
-        let Some(pool) = self.clients.get(id.0).and_then(|c| c.pool) else { return Ok(()) };
+        let Some(pool) = self.clients.get(id.0).and_then(|c| c.pool) else {
+            return Ok(());
+        };
         let owner = Some((id, ch));
-        let upstreams = self.pools.get(pool).map(|p| p.upstreams.clone()).unwrap_or_default();
+        let upstreams = self
+            .pools
+            .get(pool)
+            .map(|p| p.upstreams.clone())
+            .unwrap_or_default();
         // Prefer an open connection with room; then one still connecting;
         // else open a new one. Channels are packed onto few connections.
         let mut choice: Option<(UpstreamId, u16, SlotState)> = None;
         for want_open in [true, false] {
             for &uid in &upstreams {
-                let Some(u) = self.upstreams.get_mut(uid.0) else { continue };
+                let Some(u) = self.upstreams.get_mut(uid.0) else {
+                    continue;
+                };
                 let open = u.state == UpstreamState::Open;
                 if open != want_open || (!open && u.state == UpstreamState::ExpectCloseOk) {
                     continue;
                 }
-                let state = if open { SlotState::Opening } else { SlotState::Pending };
+                let state = if open {
+                    SlotState::Opening
+                } else {
+                    SlotState::Pending
+                };
                 if let Some(n) = u.allocate(Slot { state, owner }) {
                     choice = Some((uid, n, state));
                     break;
@@ -331,8 +403,19 @@ impl Shard {
                 let n = self
                     .upstreams
                     .get_mut(uid.0)
-                    .and_then(|u| u.allocate(Slot { state: SlotState::Pending, owner }))
-                    .ok_or_else(|| ConnectionError::new(reply::RESOURCE_ERROR, "RESOURCE_ERROR - no upstream channel available", method::CHANNEL_OPEN))?;
+                    .and_then(|u| {
+                        u.allocate(Slot {
+                            state: SlotState::Pending,
+                            owner,
+                        })
+                    })
+                    .ok_or_else(|| {
+                        ConnectionError::new(
+                            reply::RESOURCE_ERROR,
+                            "RESOURCE_ERROR - no upstream channel available",
+                            method::CHANNEL_OPEN,
+                        )
+                    })?;
                 (uid, n, SlotState::Pending)
             }
         };
@@ -355,9 +438,17 @@ impl Shard {
     }
 
     fn client_channel_close_ok(&mut self, id: ClientId, ch: u16) {
-        let Some(link) = self.clients.get_mut(id.0).and_then(|c| c.channels.remove(&ch)) else { return };
+        let Some(link) = self
+            .clients
+            .get_mut(id.0)
+            .and_then(|c| c.channels.remove(&ch))
+        else {
+            return;
+        };
         let (uid, n) = (link.upstream, link.upstream_channel);
-        let Some(slot) = self.upstreams.get(uid.0).and_then(|u| u.slot(n)) else { return };
+        let Some(slot) = self.upstreams.get(uid.0).and_then(|u| u.slot(n)) else {
+            return;
+        };
         if slot.owner != Some((id, ch)) {
             return;
         }
@@ -379,10 +470,16 @@ impl Shard {
         method_id: Option<method::Id>,
     ) -> Result<(), ConnectionError> {
         let ch = frame.channel;
-        let Some(c) = self.clients.get_mut(id.0) else { return Ok(()) };
-        let Some(link) = c.channels.get_mut(&ch) else { return Ok(()) };
+        let Some(c) = self.clients.get_mut(id.0) else {
+            return Ok(());
+        };
+        let Some(link) = c.channels.get_mut(&ch) else {
+            return Ok(());
+        };
         let (uid, n) = (link.upstream, link.upstream_channel);
-        let Some(u) = self.upstreams.get(uid.0) else { return Ok(()) };
+        let Some(u) = self.upstreams.get(uid.0) else {
+            return Ok(());
+        };
         if u.state != UpstreamState::Open {
             return Err(ConnectionError::unexpected_frame(
                 "frame on a channel whose upstream connection is still opening",
@@ -421,16 +518,24 @@ impl Shard {
                     }
                     _ => {}
                 }
-                self.forward_upstream(id, uid, |out| put_frame(out, FRAME_METHOD, n, frame.payload));
+                self.forward_upstream(id, uid, |out| {
+                    put_frame(out, FRAME_METHOD, n, frame.payload)
+                });
             }
             FRAME_HEADER => {
                 if link.publishing != Publishing::ExpectHeader {
-                    return Err(ConnectionError::unexpected_frame("content header without a content method", (0, 0)));
+                    return Err(ConnectionError::unexpected_frame(
+                        "content header without a content method",
+                        (0, 0),
+                    ));
                 }
                 let header = ContentHeader::decode(frame.payload)
                     .map_err(|e| ConnectionError::syntax(e, method::BASIC_PUBLISH))?;
                 if header.class_id != class::BASIC {
-                    return Err(ConnectionError::unexpected_frame("content header for a class other than basic", method::BASIC_PUBLISH));
+                    return Err(ConnectionError::unexpected_frame(
+                        "content header for a class other than basic",
+                        method::BASIC_PUBLISH,
+                    ));
                 }
                 if header.body_size > MAX_MESSAGE_SIZE {
                     link.pending.clear();
@@ -448,14 +553,19 @@ impl Shard {
                     return Ok(());
                 }
                 put_frame(&mut link.pending, FRAME_HEADER, n, frame.payload);
-                link.publishing = Publishing::ExpectBody { remaining: header.body_size };
+                link.publishing = Publishing::ExpectBody {
+                    remaining: header.body_size,
+                };
                 if header.body_size == 0 {
                     self.publish_complete(id, ch);
                 }
             }
             FRAME_BODY => {
                 let Publishing::ExpectBody { remaining } = link.publishing else {
-                    return Err(ConnectionError::unexpected_frame("content body without a content header", (0, 0)));
+                    return Err(ConnectionError::unexpected_frame(
+                        "content body without a content header",
+                        (0, 0),
+                    ));
                 };
                 let len = frame.payload.len() as u64;
                 if len > remaining {
@@ -469,7 +579,9 @@ impl Shard {
                 } else {
                     put_frame(&mut link.pending, FRAME_BODY, n, frame.payload);
                 }
-                link.publishing = Publishing::ExpectBody { remaining: remaining - len };
+                link.publishing = Publishing::ExpectBody {
+                    remaining: remaining - len,
+                };
                 if remaining == len {
                     self.publish_complete(id, ch);
                 }
@@ -482,7 +594,13 @@ impl Shard {
     /// The whole message is here: send method, header and body upstream
     /// together, so the shared connection never carries a partial message.
     fn publish_complete(&mut self, id: ClientId, ch: u16) {
-        let Some(link) = self.clients.get_mut(id.0).and_then(|c| c.channels.get_mut(&ch)) else { return };
+        let Some(link) = self
+            .clients
+            .get_mut(id.0)
+            .and_then(|c| c.channels.get_mut(&ch))
+        else {
+            return;
+        };
         link.publishing = Publishing::Idle;
         let mut pending = std::mem::take(&mut link.pending);
         let uid = link.upstream;
@@ -491,16 +609,27 @@ impl Shard {
         if pending.capacity() > 256 * 1024 {
             pending = Vec::new();
         }
-        if let Some(link) = self.clients.get_mut(id.0).and_then(|c| c.channels.get_mut(&ch)) {
+        if let Some(link) = self
+            .clients
+            .get_mut(id.0)
+            .and_then(|c| c.channels.get_mut(&ch))
+        {
             link.pending = pending;
         }
     }
 
     /// Appends to an upstream's output on behalf of a client, pausing that
     /// client when the upstream is over its high-water mark.
-    fn forward_upstream(&mut self, client: ClientId, uid: UpstreamId, write: impl FnOnce(&mut Vec<u8>)) {
+    fn forward_upstream(
+        &mut self,
+        client: ClientId,
+        uid: UpstreamId,
+        write: impl FnOnce(&mut Vec<u8>),
+    ) {
         self.upstream_send(uid, write);
-        let Some(u) = self.upstreams.get_mut(uid.0) else { return };
+        let Some(u) = self.upstreams.get_mut(uid.0) else {
+            return;
+        };
         if u.out.len() >= UPSTREAM_HIGH_WATER {
             if let Some(c) = self.clients.get_mut(client.0) {
                 if !c.paused {
@@ -513,21 +642,38 @@ impl Shard {
 
     /// Closes one client channel with a channel-level error the proxy
     /// detected itself; the upstream channel is closed behind it.
-    pub(super) fn channel_error(&mut self, id: ClientId, ch: u16, code: u16, text: &str, failing: method::Id) {
-        let Some(link) = self.clients.get_mut(id.0).and_then(|c| c.channels.get_mut(&ch)) else { return };
+    pub(super) fn channel_error(
+        &mut self,
+        id: ClientId,
+        ch: u16,
+        code: u16,
+        text: &str,
+        failing: method::Id,
+    ) {
+        let Some(link) = self
+            .clients
+            .get_mut(id.0)
+            .and_then(|c| c.channels.get_mut(&ch))
+        else {
+            return;
+        };
         link.state = ChannelState::ClosingByServer;
         link.pending.clear();
         link.publishing = Publishing::Idle;
         let (uid, n) = (link.upstream, link.upstream_channel);
         self.client_send(id, |out| put_close(out, ch, code, text.as_bytes(), failing));
-        let Some(slot) = self.upstreams.get(uid.0).and_then(|u| u.slot(n)) else { return };
+        let Some(slot) = self.upstreams.get(uid.0).and_then(|u| u.slot(n)) else {
+            return;
+        };
         if slot.owner != Some((id, ch)) {
             return;
         }
         match slot.state {
             SlotState::Pending => self.free_slot(uid, n),
             SlotState::Opening | SlotState::Open => {
-                self.upstream_send(uid, |out| put_close(out, n, reply::SUCCESS, b"closed by the proxy", (0, 0)));
+                self.upstream_send(uid, |out| {
+                    put_close(out, n, reply::SUCCESS, b"closed by the proxy", (0, 0))
+                });
                 self.set_slot(uid, n, SlotState::Closing, None);
             }
             SlotState::Closing => self.set_slot(uid, n, SlotState::Closing, None),
@@ -537,5 +683,4 @@ impl Shard {
             }
         }
     }
-
 }

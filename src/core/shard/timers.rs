@@ -28,19 +28,28 @@ impl Shard {
     }
 
     fn tick_client(&mut self, id: ClientId, now: Instant) {
-        let Some(c) = self.clients.get(id.0) else { return };
+        let Some(c) = self.clients.get(id.0) else {
+            return;
+        };
         if c.state == ClientState::Closed {
             return;
         }
         if c.deadline.is_some_and(|d| now >= d) {
             match c.state {
                 ClientState::ExpectCloseOk => {}
-                _ => log::info!("client {}: handshake timeout in state {:?}", c.label(), c.state),
+                _ => log::info!(
+                    "client {}: handshake timeout in state {:?}",
+                    c.label(),
+                    c.state
+                ),
             }
             self.close_client_now(id);
             return;
         }
-        let negotiated = matches!(c.state, ClientState::ExpectOpen | ClientState::ExpectUpstream | ClientState::Open);
+        let negotiated = matches!(
+            c.state,
+            ClientState::ExpectOpen | ClientState::ExpectUpstream | ClientState::Open
+        );
         if !negotiated || c.heartbeat == 0 {
             return;
         }
@@ -56,11 +65,14 @@ impl Shard {
     }
 
     fn tick_upstream(&mut self, id: UpstreamId, now: Instant) {
-        let Some(u) = self.upstreams.get(id.0) else { return };
+        let Some(u) = self.upstreams.get(id.0) else {
+            return;
+        };
         let name = self.settings.upstream_name.clone();
         if u.deadline.is_some_and(|d| now >= d) {
             if u.state == UpstreamState::ExpectCloseOk {
-                self.actions.push(Action::CloseAfterFlush(ConnRef::Upstream(id)));
+                self.actions
+                    .push(Action::CloseAfterFlush(ConnRef::Upstream(id)));
                 if let Some(u) = self.upstreams.get_mut(id.0) {
                     u.deadline = None;
                 }
@@ -88,11 +100,16 @@ impl Shard {
                 self.upstream_send(id, put_heartbeat);
             }
         }
-        let Some(u) = self.upstreams.get(id.0) else { return };
+        let Some(u) = self.upstreams.get(id.0) else {
+            return;
+        };
         let idle_expired = u.state == UpstreamState::Open
             && u.used == 0
-            && u.idle_since.is_some_and(|t| now.duration_since(t) >= self.settings.idle_connection_timeout);
-        if idle_expired && self.idle_open_upstreams(u.pool) > self.settings.min_idle_connections as usize {
+            && u.idle_since
+                .is_some_and(|t| now.duration_since(t) >= self.settings.idle_connection_timeout);
+        if idle_expired
+            && self.idle_open_upstreams(u.pool) > self.settings.min_idle_connections as usize
+        {
             log::info!("upstream {name}: closing idle connection");
             let pool = u.pool;
             if let Some(p) = self.pools.get_mut(pool) {
@@ -112,7 +129,8 @@ impl Shard {
         if let Some(u) = self.upstreams.get_mut(id.0) {
             u.state = UpstreamState::ExpectCloseOk;
             u.deadline = None;
-            self.actions.push(Action::CloseAfterFlush(ConnRef::Upstream(id)));
+            self.actions
+                .push(Action::CloseAfterFlush(ConnRef::Upstream(id)));
         }
     }
 
@@ -120,7 +138,11 @@ impl Shard {
         self.pools.get(pool).map_or(0, |p| {
             p.upstreams
                 .iter()
-                .filter(|u| self.upstreams.get(u.0).is_some_and(|u| u.state == UpstreamState::Open && u.used == 0))
+                .filter(|u| {
+                    self.upstreams
+                        .get(u.0)
+                        .is_some_and(|u| u.state == UpstreamState::Open && u.used == 0)
+                })
                 .count()
         })
     }

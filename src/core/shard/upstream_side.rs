@@ -22,7 +22,9 @@ impl Shard {
     pub(super) fn upstream_bytes(&mut self, id: UpstreamId, buf: &[u8]) -> usize {
         let mut pos = 0;
         loop {
-            let Some(u) = self.upstreams.get(id.0) else { return buf.len() };
+            let Some(u) = self.upstreams.get(id.0) else {
+                return buf.len();
+            };
             let limit = u.tune.frame_max.max(UPSTREAM_MIN_FRAME_LIMIT);
             match parse_frame(&buf[pos..], limit) {
                 Ok(FrameStatus::Partial) => return pos,
@@ -46,12 +48,15 @@ impl Shard {
         if let Some(u) = self.upstreams.get_mut(id.0) {
             u.state = UpstreamState::ExpectCloseOk;
             u.deadline = None;
-            self.actions.push(Action::CloseAfterFlush(ConnRef::Upstream(id)));
+            self.actions
+                .push(Action::CloseAfterFlush(ConnRef::Upstream(id)));
         }
     }
 
     fn upstream_frame(&mut self, id: UpstreamId, frame: Frame<'_>) {
-        let Some(u) = self.upstreams.get(id.0) else { return };
+        let Some(u) = self.upstreams.get(id.0) else {
+            return;
+        };
         let state = u.state;
         if frame.frame_type == FRAME_HEARTBEAT {
             return;
@@ -61,21 +66,33 @@ impl Shard {
             if mid == Some(method::CONNECTION_CLOSE) {
                 let close = Close::decode(frame.payload);
                 let (code, text) = match close {
-                    Ok(c) => (c.reply_code, String::from_utf8_lossy(c.reply_text).into_owned()),
-                    Err(_) => (reply::CONNECTION_FORCED, "CONNECTION_FORCED - broker closed the connection".into()),
+                    Ok(c) => (
+                        c.reply_code,
+                        String::from_utf8_lossy(c.reply_text).into_owned(),
+                    ),
+                    Err(_) => (
+                        reply::CONNECTION_FORCED,
+                        "CONNECTION_FORCED - broker closed the connection".into(),
+                    ),
                 };
-                log::warn!("upstream {}: broker closed the connection: {code} {text}", self.settings.upstream_name);
+                log::warn!(
+                    "upstream {}: broker closed the connection: {code} {text}",
+                    self.settings.upstream_name
+                );
                 self.upstream_send(id, |out| put_close_ok(out, 0));
                 self.close_upstream_with_error(id, code, &text);
                 return;
             }
             if mid == Some(method::CONNECTION_CLOSE_OK) && state == UpstreamState::ExpectCloseOk {
-                self.actions.push(Action::CloseAfterFlush(ConnRef::Upstream(id)));
+                self.actions
+                    .push(Action::CloseAfterFlush(ConnRef::Upstream(id)));
                 return;
             }
         }
         match state {
-            UpstreamState::ExpectStart | UpstreamState::ExpectTune | UpstreamState::ExpectOpenOk => {
+            UpstreamState::ExpectStart
+            | UpstreamState::ExpectTune
+            | UpstreamState::ExpectOpenOk => {
                 if let Err(text) = self.upstream_handshake_frame(id, state, frame) {
                     log::warn!("upstream {}: {text}", self.settings.upstream_name);
                     self.close_upstream_with_error(id, reply::INTERNAL_ERROR, &text);
@@ -92,29 +109,52 @@ impl Shard {
         }
     }
 
-    fn upstream_handshake_frame(&mut self, id: UpstreamId, state: UpstreamState, frame: Frame<'_>) -> Result<(), String> {
+    fn upstream_handshake_frame(
+        &mut self,
+        id: UpstreamId,
+        state: UpstreamState,
+        frame: Frame<'_>,
+    ) -> Result<(), String> {
         let mid = frame.method_id();
-        let bad = |e: crate::protocol::codec::DecodeError| format!("INTERNAL_ERROR - bad handshake frame from the broker: {e}");
+        let bad = |e: crate::protocol::codec::DecodeError| {
+            format!("INTERNAL_ERROR - bad handshake frame from the broker: {e}")
+        };
         match (state, mid) {
             (UpstreamState::ExpectStart, Some(method::CONNECTION_START)) => {
                 let start = ConnectionStart::decode(frame.payload).map_err(bad)?;
-                if !start.mechanisms.split(|b| *b == b' ').any(|m| m == b"PLAIN") {
-                    return Err("INTERNAL_ERROR - the broker does not offer the PLAIN mechanism".into());
+                if !start
+                    .mechanisms
+                    .split(|b| *b == b' ')
+                    .any(|m| m == b"PLAIN")
+                {
+                    return Err(
+                        "INTERNAL_ERROR - the broker does not offer the PLAIN mechanism".into(),
+                    );
                 }
-                let Some(creds) = self.upstream_credentials(id).cloned() else { return Ok(()) };
-                let name = format!("amqproxy {} pool {}@{}", self.settings.listen_name, creds.user, creds.vhost);
+                let Some(creds) = self.upstream_credentials(id).cloned() else {
+                    return Ok(());
+                };
+                let name = format!(
+                    "amqproxy {} pool {}@{}",
+                    self.settings.listen_name, creds.user, creds.vhost
+                );
                 let mut response = Vec::with_capacity(2 + creds.user.len() + creds.password.len());
                 response.push(0);
                 response.extend_from_slice(creds.user.as_bytes());
                 response.push(0);
                 response.extend_from_slice(&creds.password);
-                self.upstream_send(id, |out| put_connection_start_ok(out, &client_properties(&name), b"PLAIN", &response));
+                self.upstream_send(id, |out| {
+                    put_connection_start_ok(out, &client_properties(&name), b"PLAIN", &response)
+                });
                 self.set_upstream_state(id, UpstreamState::ExpectTune);
             }
             (UpstreamState::ExpectTune, Some(method::CONNECTION_TUNE)) => {
                 let tune = Tune::decode(frame.payload).map_err(bad)?;
                 let answer = answer_tune(tune, self.settings.max_upstream_channels);
-                let vhost = self.upstream_credentials(id).map(|c| c.vhost.clone()).unwrap_or_default();
+                let vhost = self
+                    .upstream_credentials(id)
+                    .map(|c| c.vhost.clone())
+                    .unwrap_or_default();
                 if let Some(u) = self.upstreams.get_mut(id.0) {
                     u.tune = answer;
                     u.channel_limit = answer.channel_max;
@@ -125,8 +165,14 @@ impl Shard {
                     put_connection_open(out, vhost.as_bytes());
                 });
             }
-            (UpstreamState::ExpectOpenOk, Some(method::CONNECTION_OPEN_OK)) => self.upstream_opened(id),
-            _ => return Err(format!("INTERNAL_ERROR - unexpected frame from the broker during the handshake: {mid:?}")),
+            (UpstreamState::ExpectOpenOk, Some(method::CONNECTION_OPEN_OK)) => {
+                self.upstream_opened(id)
+            }
+            _ => {
+                return Err(format!(
+                "INTERNAL_ERROR - unexpected frame from the broker during the handshake: {mid:?}"
+            ))
+            }
         }
         Ok(())
     }
@@ -141,7 +187,9 @@ impl Shard {
     /// OpenOk, channels reserved meanwhile are opened.
     fn upstream_opened(&mut self, id: UpstreamId) {
         let now = self.now;
-        let Some(u) = self.upstreams.get_mut(id.0) else { return };
+        let Some(u) = self.upstreams.get_mut(id.0) else {
+            return;
+        };
         u.state = UpstreamState::Open;
         u.deadline = None;
         if u.used == 0 {
@@ -153,12 +201,22 @@ impl Shard {
             .slots
             .iter()
             .enumerate()
-            .filter_map(|(n, s)| s.filter(|s| s.state == SlotState::Pending).map(|s| (n as u16, s.owner)))
+            .filter_map(|(n, s)| {
+                s.filter(|s| s.state == SlotState::Pending)
+                    .map(|s| (n as u16, s.owner))
+            })
             .collect();
         if let Some(creds) = self.upstream_credentials(id) {
-            log::info!("upstream {} opened for {creds:?}", self.settings.upstream_name);
+            log::info!(
+                "upstream {} opened for {creds:?}",
+                self.settings.upstream_name
+            );
         }
-        let waiting = self.pools.get_mut(pool).map(|p| std::mem::take(&mut p.waiting)).unwrap_or_default();
+        let waiting = self
+            .pools
+            .get_mut(pool)
+            .map(|p| std::mem::take(&mut p.waiting))
+            .unwrap_or_default();
         for client in waiting {
             self.client_opened(client);
         }
@@ -170,7 +228,13 @@ impl Shard {
                 }
                 Some((client, ch)) => {
                     self.free_slot(id, n);
-                    self.channel_error(client, ch, reply::RESOURCE_ERROR, "RESOURCE_ERROR - upstream channel limit reached", method::CHANNEL_OPEN);
+                    self.channel_error(
+                        client,
+                        ch,
+                        reply::RESOURCE_ERROR,
+                        "RESOURCE_ERROR - upstream channel limit reached",
+                        method::CHANNEL_OPEN,
+                    );
                 }
                 None => self.free_slot(id, n),
             }
@@ -184,11 +248,21 @@ impl Shard {
             Some(method::CONNECTION_UNBLOCKED) => false,
             _ => return,
         };
-        let Some(u) = self.upstreams.get_mut(id.0) else { return };
+        let Some(u) = self.upstreams.get_mut(id.0) else {
+            return;
+        };
         u.blocked = blocked;
-        log::info!("upstream {}: connection {}", self.settings.upstream_name, if blocked { "blocked" } else { "unblocked" });
+        log::info!(
+            "upstream {}: connection {}",
+            self.settings.upstream_name,
+            if blocked { "blocked" } else { "unblocked" }
+        );
         for client in u.owners() {
-            if self.clients.get(client.0).is_some_and(|c| c.capabilities.connection_blocked && c.state == ClientState::Open) {
+            if self
+                .clients
+                .get(client.0)
+                .is_some_and(|c| c.capabilities.connection_blocked && c.state == ClientState::Open)
+            {
                 self.client_send(client, |out| put_frame(out, FRAME_METHOD, 0, frame.payload));
             }
         }
@@ -196,20 +270,32 @@ impl Shard {
 
     fn upstream_channel_frame(&mut self, id: UpstreamId, frame: Frame<'_>) {
         let n = frame.channel;
-        let Some(slot) = self.upstreams.get(id.0).and_then(|u| u.slot(n)) else { return };
-        let mid = if frame.frame_type == FRAME_METHOD { methods::method_id(frame.payload).ok() } else { None };
+        let Some(slot) = self.upstreams.get(id.0).and_then(|u| u.slot(n)) else {
+            return;
+        };
+        let mid = if frame.frame_type == FRAME_METHOD {
+            methods::method_id(frame.payload).ok()
+        } else {
+            None
+        };
         match mid {
             Some(method::CHANNEL_OPEN_OK) => {
                 match (slot.state, slot.owner) {
                     (SlotState::Opening, Some((client, ch))) => {
                         self.set_slot(id, n, SlotState::Open, slot.owner);
-                        if let Some(link) = self.clients.get_mut(client.0).and_then(|c| c.channels.get_mut(&ch)) {
+                        if let Some(link) = self
+                            .clients
+                            .get_mut(client.0)
+                            .and_then(|c| c.channels.get_mut(&ch))
+                        {
                             link.state = ChannelState::Open;
                         }
                         self.client_send(client, |out| put_channel_open_ok(out, ch));
                     }
                     (SlotState::Opening, None) => {
-                        self.upstream_send(id, |out| put_close(out, n, reply::SUCCESS, b"client went away", (0, 0)));
+                        self.upstream_send(id, |out| {
+                            put_close(out, n, reply::SUCCESS, b"client went away", (0, 0))
+                        });
                         self.set_slot(id, n, SlotState::Closing, None);
                     }
                     _ => {}
@@ -220,12 +306,18 @@ impl Shard {
                 match (slot.state, slot.owner) {
                     (SlotState::Open | SlotState::Opening, Some((client, ch))) => {
                         self.set_slot(id, n, SlotState::BrokerClosing, slot.owner);
-                        if let Some(link) = self.clients.get_mut(client.0).and_then(|c| c.channels.get_mut(&ch)) {
+                        if let Some(link) = self
+                            .clients
+                            .get_mut(client.0)
+                            .and_then(|c| c.channels.get_mut(&ch))
+                        {
                             link.state = ChannelState::ClosingByServer;
                             link.pending.clear();
                             link.publishing = crate::core::client::Publishing::Idle;
                         }
-                        self.client_send(client, |out| put_frame(out, FRAME_METHOD, ch, frame.payload));
+                        self.client_send(client, |out| {
+                            put_frame(out, FRAME_METHOD, ch, frame.payload)
+                        });
                     }
                     // Our own Close crossed the broker's: both sides answer
                     // CloseOk; the number is free when the broker's arrives.
@@ -245,7 +337,11 @@ impl Shard {
                             .clients
                             .get(client.0)
                             .and_then(|c| c.channels.get(&ch))
-                            .is_some_and(|l| l.upstream == id && l.upstream_channel == n && l.state == ChannelState::ClosingByClient);
+                            .is_some_and(|l| {
+                                l.upstream == id
+                                    && l.upstream_channel == n
+                                    && l.state == ChannelState::ClosingByClient
+                            });
                         if ours {
                             if let Some(c) = self.clients.get_mut(client.0) {
                                 c.channels.remove(&ch);
@@ -259,9 +355,14 @@ impl Shard {
             _ => {}
         }
         // Ordinary traffic goes only to the owner of an open channel.
-        let (SlotState::Open, Some((client, ch))) = (slot.state, slot.owner) else { return };
+        let (SlotState::Open, Some((client, ch))) = (slot.state, slot.owner) else {
+            return;
+        };
         if mid == Some(method::BASIC_CANCEL)
-            && !self.clients.get(client.0).is_some_and(|c| c.capabilities.consumer_cancel_notify)
+            && !self
+                .clients
+                .get(client.0)
+                .is_some_and(|c| c.capabilities.consumer_cancel_notify)
         {
             return;
         }
@@ -274,19 +375,30 @@ impl Shard {
     /// than ever making the proxy stop reading the shared connection.
     fn forward_client(&mut self, client: ClientId, ch: u16, frame: Frame<'_>) {
         let limit = self.settings.client_buffer_limit;
-        let Some(c) = self.clients.get(client.0) else { return };
+        let Some(c) = self.clients.get(client.0) else {
+            return;
+        };
         if c.state != ClientState::Open {
             return;
         }
         if c.out.len() > limit {
-            log::warn!("client {}: slow consumer, {} bytes unsent", c.label(), c.out.len());
+            log::warn!(
+                "client {}: slow consumer, {} bytes unsent",
+                c.label(),
+                c.out.len()
+            );
             self.fail_client(
                 client,
-                crate::core::errors::ConnectionError::new(reply::RESOURCE_ERROR, "RESOURCE_ERROR - slow consumer", (0, 0)),
+                crate::core::errors::ConnectionError::new(
+                    reply::RESOURCE_ERROR,
+                    "RESOURCE_ERROR - slow consumer",
+                    (0, 0),
+                ),
             );
             if let Some(c) = self.clients.get_mut(client.0) {
                 // It is not reading: do not wait for its CloseOk.
-                c.deadline = Some(self.now + CLOSE_TIMEOUT.min(std::time::Duration::from_millis(500)));
+                c.deadline =
+                    Some(self.now + CLOSE_TIMEOUT.min(std::time::Duration::from_millis(500)));
             }
             return;
         }
