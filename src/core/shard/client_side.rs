@@ -604,7 +604,16 @@ impl Shard {
         link.publishing = Publishing::Idle;
         let mut pending = std::mem::take(&mut link.pending);
         let uid = link.upstream;
-        self.forward_upstream(id, uid, |out| out.extend_from_slice(&pending));
+        // When nothing else is queued upstream (the common case: output is
+        // flushed after every batch), hand the assembled buffer over instead
+        // of copying it; the channel keeps the old, empty one.
+        self.forward_upstream(id, uid, |out| {
+            if out.is_empty() {
+                std::mem::swap(out, &mut pending);
+            } else {
+                out.extend_from_slice(&pending);
+            }
+        });
         pending.clear();
         if pending.capacity() > 256 * 1024 {
             pending = Vec::new();
