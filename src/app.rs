@@ -20,6 +20,13 @@ pub fn main() -> i32 {
             return 2;
         }
     };
+    if config.upstream.tls {
+        eprintln!(
+            "amqproxy: upstream {}: amqps:// is not supported by this version yet; use amqp://",
+            config.upstream
+        );
+        return 2;
+    }
     init_logging(config.log_level);
     match crate::server::run(config) {
         Ok(()) => 0,
