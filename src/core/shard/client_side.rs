@@ -1,7 +1,7 @@
 //! Frames from clients: the server side of the handshake, channel open and
 //! close, validation, publish assembly and forwarding upstream.
 
-use super::{is_live, Shard};
+use super::Shard;
 use crate::core::client::{
     self, capabilities_of, connection_name, negotiate, ChannelLink, ChannelState, ClientState,
     Publishing,
@@ -32,7 +32,9 @@ impl Shard {
             };
             let state = c.state;
             let frame_max = c.frame_max;
-            if !is_live(state) {
+            // After Connection.Close was sent, frames are still read so
+            // the client's CloseOk is seen; once closed, nothing is.
+            if state == ClientState::Closed {
                 return buf.len();
             }
             if state == ClientState::ExpectProtocolHeader {

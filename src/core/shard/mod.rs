@@ -102,7 +102,7 @@ impl Shard {
         if c.partial.is_empty() {
             let used = self.client_bytes(id, data);
             if let Some(c) = self.clients.get_mut(id.0) {
-                if used < data.len() && is_live(c.state) {
+                if used < data.len() && c.state != ClientState::Closed {
                     c.partial.extend_from_slice(&data[used..]);
                 }
             }
@@ -112,7 +112,7 @@ impl Shard {
             let used = self.client_bytes(id, &buf);
             if let Some(c) = self.clients.get_mut(id.0) {
                 buf.drain(..used.min(buf.len()));
-                if is_live(c.state) {
+                if c.state != ClientState::Closed {
                     shrink_if_large(&mut buf);
                     c.partial = buf;
                 }

@@ -654,3 +654,16 @@ fn frames_on_unopened_channel_and_double_open_are_504() {
         assert_eq!(close_of(close).0, 504);
     }
 }
+
+#[test]
+fn close_ok_after_a_connection_error_closes_at_once() {
+    let mut p = Pair::new(Settings::default());
+    let (c, _up) = p.connected_client();
+    p.send_client(c, &method_frame(0, (60, 40), &[0, 0, 0, 0, 0]));
+    assert_eq!(close_of(&p.client_out(c)[0]).0, 503);
+    p.actions();
+    let mut ok = Vec::new();
+    m::put_close_ok(&mut ok, 0);
+    p.send_client(c, &ok);
+    assert_eq!(p.actions(), vec![Action::CloseAfterFlush(ConnRef::Client(c))]);
+}
