@@ -1,0 +1,293 @@
+"""Fixtures that run the real amqproxy binary in front of the real broker.
+
+Environment:
+  AMQP_URL              broker (default amqp://127.0.0.1:5672)
+  AMQPROXY_BIN          proxy binary (default <repo>/target/debug/amqproxy)
+  AMQPROXY_TEST_DIRECT  =1: do not start the proxy; clients talk to the broker
+                        directly. Validates the tests themselves; tests marked
+                        proxy_only are skipped.
+  AMQPROXY_TEST_DEBUG   =1: start the proxy with --debug
+  AMQPROXY_TEST_TIMEOUT default per-test time limit in seconds (120)
+  BROKER_ADMIN, RABBITMQ_API_URL: see broker.py
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+import pika
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from broker import Broker, parse_amqp_url, wait_for  # noqa: E402
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+AMQP_URL = os.environ.get("AMQP_URL", "amqp://127.0.0.1:5672")
+_U = parse_amqp_url(AMQP_URL)
+BROKER_HOST, BROKER_PORT = _U["host"], _U["port"]
+USER, PASSWORD = _U["user"], _U["password"]
+DIRECT = os.environ.get("AMQPROXY_TEST_DIRECT") == "1"
+PROXY_BIN = os.environ.get("AMQPROXY_BIN", os.path.join(REPO, "target", "debug", "amqproxy"))
+DEFAULT_TIMEOUT = int(os.environ.get("AMQPROXY_TEST_TIMEOUT", "120"))
+
+# settings the proxy might read from the environment; the tests configure it
+# on the command line only
+_PROXY_ENV_VARS = ("AMQP_URL", "LISTEN_ADDRESS", "LISTEN_PORT", "HTTP_PORT", "LOG_LEVEL",
+                   "IDLE_CONNECTION_TIMEOUT", "MAX_UPSTREAM_CHANNELS", "TERM_TIMEOUT",
+                   "TERM_CLIENT_CLOSE_TIMEOUT")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "proxy_only: needs the real proxy; skipped with AMQPROXY_TEST_DIRECT=1")
+    config.addinivalue_line("markers", "timeout_s(seconds): per-test time limit (default %d)" % DEFAULT_TIMEOUT)
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def closed_port():
+    """A port on 127.0.0.1 where nothing listens (connect -> ECONNREFUSED)."""
+    for _ in range(20):
+        p = free_port()
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", p)) != 0:
+                return p
+    raise RuntimeError("could not find a closed port")
+
+
+def unique(prefix="amqproxy-test"):
+    return "%s-%s" % (prefix, uuid.uuid4().hex)
+
+
+class Proxy:
+    """One amqproxy process (or, in direct mode, the broker itself)."""
+
+    def __init__(self, flags=(), upstream=None, direct=False, tmpdir=None):
+        self.flags = list(flags)
+        self.upstream = upstream or "amqp://%s:%d" % (BROKER_HOST if ":" not in BROKER_HOST else "[%s]" % BROKER_HOST, BROKER_PORT)
+        self.direct = direct
+        self.proc = None
+        self.log_path = None
+        self.tmpdir = tmpdir or tempfile.gettempdir()
+        if direct:
+            self.host, self.port, self.http_port = BROKER_HOST, BROKER_PORT, None
+        else:
+            self.host = "127.0.0.1"
+            self._start()
+
+    # ---------------------------------------------------------------- process
+    def _start(self):
+        if not os.path.exists(PROXY_BIN):
+            pytest.fail("proxy binary %s does not exist (run cargo build, or set AMQPROXY_BIN)" % PROXY_BIN)
+        env = {k: v for k, v in os.environ.items() if k not in _PROXY_ENV_VARS}
+        env.setdefault("RUST_BACKTRACE", "1")
+        extra = ["--debug"] if os.environ.get("AMQPROXY_TEST_DEBUG") == "1" else []
+        last_err = None
+        for attempt in range(3):  # a free port can be taken by someone else before we bind it
+            self.port, self.http_port = free_port(), free_port()
+            self.cmd = [PROXY_BIN, "--listen", "127.0.0.1", "--port", str(self.port),
+                        "--http-port", str(self.http_port), *extra, *self.flags, self.upstream]
+            fd, self.log_path = tempfile.mkstemp(prefix="amqproxy-%d-" % self.port, suffix=".log", dir=self.tmpdir)
+            with os.fdopen(fd, "wb") as log:
+                self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=log,
+                                             stderr=subprocess.STDOUT, env=env)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    break
+                with socket.socket() as s:
+                    s.settimeout(0.5)
+                    if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                        return
+                time.sleep(0.05)
+            rc = self.proc.poll()
+            if rc is None:
+                self.stop()
+                pytest.fail("proxy did not accept TCP on port %d within 20 s\ncmd: %s\n%s"
+                            % (self.port, " ".join(self.cmd), self.log_tail()))
+            last_err = "proxy exited with code %s\ncmd: %s\n%s" % (rc, " ".join(self.cmd), self.log_tail())
+            if "in use" not in self.log_tail().lower():
+                break
+        pytest.fail(last_err)
+
+    def stop(self):
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def log_tail(self, lines=60):
+        if not self.log_path or not os.path.exists(self.log_path):
+            return "(no proxy log)"
+        with open(self.log_path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 64 * 1024))
+            data = f.read().decode("utf-8", "replace")
+        return "\n".join(data.splitlines()[-lines:])
+
+    # ---------------------------------------------------------------- clients
+    def params(self, user=None, password=None, vhost="/", **kw):
+        kw.setdefault("connection_attempts", 1)
+        kw.setdefault("socket_timeout", 10)
+        kw.setdefault("stack_timeout", 20)
+        kw.setdefault("blocked_connection_timeout", 60)
+        return pika.ConnectionParameters(
+            host=self.host, port=self.port, virtual_host=vhost,
+            credentials=pika.PlainCredentials(user or USER, password if password is not None else PASSWORD),
+            **kw)
+
+    def connect(self, **kw):
+        return pika.BlockingConnection(self.params(**kw))
+
+    @property
+    def url(self):
+        return "amqp://%s:%s@%s:%d/%%2F" % (USER, PASSWORD, self.host, self.port)
+
+    def pool_name(self, user=None, vhost="/"):
+        """connection_name the proxy gives its upstream connections for a pool."""
+        return "amqproxy %s:%d pool %s@%s" % (self.host, self.port, user or USER, vhost)
+
+    def upstream_prefix(self):
+        return "amqproxy %s:%d pool " % (self.host, self.port)
+
+
+class ProxyFactory:
+    def __init__(self, tmpdir):
+        self.instances = []
+        self.tmpdir = tmpdir
+
+    def __call__(self, *flags, upstream=None, direct=None):
+        """Start a proxy with extra command-line flags. In direct mode returns a
+        stand-in pointing at the broker (only when no upstream is forced)."""
+        if direct is None:
+            direct = DIRECT
+        if direct and upstream is not None:
+            pytest.skip("needs the proxy (custom upstream)")
+        p = Proxy(flags, upstream=upstream, direct=direct, tmpdir=self.tmpdir)
+        self.instances.append(p)
+        return p
+
+    def stop_all(self):
+        for p in self.instances:
+            p.stop()
+
+
+@pytest.fixture(scope="session")
+def broker():
+    return Broker(AMQP_URL)
+
+
+@pytest.fixture(scope="session")
+def proxy(tmp_path_factory):
+    """A proxy with default settings, shared by the tests of one xdist worker."""
+    p = Proxy(direct=DIRECT, tmpdir=str(tmp_path_factory.mktemp("proxylogs")))
+    yield p
+    p.stop()
+
+
+@pytest.fixture
+def start_proxy(tmp_path):
+    """Factory: start_proxy('--workers', '1', '-t', '1', upstream=...) -> Proxy."""
+    f = ProxyFactory(str(tmp_path))
+    yield f
+    f.stop_all()
+
+
+@pytest.fixture
+def conn(proxy):
+    c = proxy.connect()
+    yield c
+    if c.is_open:
+        try:
+            c.close()
+        except Exception:
+            pass
+
+
+@pytest.fixture
+def queue(conn):
+    """A fresh queue on the shared proxy (expires by itself if a test dies)."""
+    name = unique()
+    ch = conn.channel()
+    ch.queue_declare(name, arguments={"x-expires": 120000})
+    yield name
+    try:
+        if conn.is_open:
+            c2 = conn.channel()
+            c2.queue_delete(name)
+            c2.close()
+    except Exception:
+        pass
+
+
+@pytest.fixture
+def temp_user(broker):
+    """Factory for throwaway broker users with full permissions on a vhost."""
+    made = []
+
+    def make(vhost="/"):
+        user, password = unique("amqproxy-user"), uuid.uuid4().hex
+        broker.add_user(user, password)
+        made.append(user)
+        broker.set_permissions(user, vhost)
+        return user, password
+
+    yield make
+    for u in made:
+        broker.delete_user(u)
+
+
+@pytest.fixture(autouse=True)
+def _skip_proxy_only_in_direct_mode(request):
+    if DIRECT and request.node.get_closest_marker("proxy_only"):
+        pytest.skip("proxy-specific (AMQPROXY_TEST_DIRECT=1)")
+
+
+@pytest.fixture(autouse=True)
+def _time_limit(request):
+    """No test may hang the suite: SIGALRM raises in the test's thread."""
+    m = request.node.get_closest_marker("timeout_s")
+    limit = int(m.args[0]) if m else DEFAULT_TIMEOUT
+
+    def on_alarm(signum, frame):
+        raise TimeoutError("test exceeded its %d s time limit" % limit)
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(limit)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """On failure, attach the tail of every involved proxy's log to the report."""
+    outcome = yield
+    rep = outcome.get_result()
+    if not rep.failed:
+        return
+    proxies = []
+    for v in getattr(item, "funcargs", {}).values():
+        if isinstance(v, Proxy):
+            proxies.append(v)
+        elif isinstance(v, ProxyFactory):
+            proxies.extend(v.instances)
+    for p in proxies:
+        if p.direct:
+            continue
+        rep.sections.append(("amqproxy :%d log (tail)" % p.port,
+                             "cmd: %s\n%s" % (" ".join(p.cmd), p.log_tail())))
