@@ -90,7 +90,9 @@ struct Worker {
     scratch: Vec<u8>,
     /// Sockets with bytes left to read (budget spent, or resumed).
     pending_reads: VecDeque<ConnRef>,
+    /// Reused between turns so the steady state allocates nothing.
     dirty: Vec<ConnRef>,
+    actions: Vec<Action>,
 }
 
 impl Worker {
@@ -113,6 +115,7 @@ impl Worker {
             scratch: vec![0; SCRATCH_SIZE],
             pending_reads: VecDeque::new(),
             dirty: Vec::new(),
+            actions: Vec::new(),
         }
     }
 
@@ -156,18 +159,20 @@ impl Worker {
     /// Carries out actions and writes output until nothing is left to do.
     fn settle(&mut self) {
         loop {
-            let actions: Vec<Action> = self.shard.take_actions().collect();
+            let mut actions = std::mem::take(&mut self.actions);
+            actions.extend(self.shard.take_actions());
             let mut dirty = std::mem::take(&mut self.dirty);
             self.shard.take_dirty(&mut dirty);
             if actions.is_empty() && dirty.is_empty() {
                 self.dirty = dirty;
+                self.actions = actions;
                 return;
             }
             for conn in dirty.drain(..) {
                 self.flush(conn);
             }
             self.dirty = dirty;
-            for action in actions {
+            for action in actions.drain(..) {
                 match action {
                     Action::Connect(id) => self.connect(id),
                     Action::CloseAfterFlush(conn) => {
@@ -178,6 +183,7 @@ impl Worker {
                     Action::Resume(id) => self.pending_reads.push_back(ConnRef::Client(id)),
                 }
             }
+            self.actions = actions;
         }
     }
 

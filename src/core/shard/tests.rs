@@ -667,3 +667,66 @@ fn close_ok_after_a_connection_error_closes_at_once() {
     p.send_client(c, &ok);
     assert_eq!(p.actions(), vec![Action::CloseAfterFlush(ConnRef::Client(c))]);
 }
+
+#[test]
+fn full_upstream_pauses_only_the_clients_feeding_it_until_it_drains() {
+    let mut p = Pair::new(Settings::default());
+    let (a, up) = p.connected_client();
+    p.open_channel(a, up, 1);
+    let b = p.client("guest", "guest", &[], 131072);
+    p.client_out(b);
+    let body = vec![1u8; 64 * 1024];
+    let mut sent = 0;
+    // The broker's socket accepts nothing: output piles up.
+    while p.shard.client_may_read(a) {
+        p.send_client(a, &publish(1, b"q", &body));
+        sent += 1;
+        assert!(sent < 1000, "never paused");
+    }
+    let queued = p.shard.output(ConnRef::Upstream(up)).len();
+    assert!(queued >= crate::core::UPSTREAM_HIGH_WATER, "{queued}");
+    assert!(queued < crate::core::UPSTREAM_HIGH_WATER + 2 * body.len(), "{queued}");
+    assert!(p.shard.client_may_read(b), "a client with no channel there is not paused");
+    p.actions();
+    // Drain to just above the low-water mark: still paused.
+    let keep = crate::core::UPSTREAM_LOW_WATER + 1;
+    p.shard.output_written(ConnRef::Upstream(up), queued - keep);
+    assert!(!p.shard.client_may_read(a));
+    p.shard.output_written(ConnRef::Upstream(up), 2);
+    assert!(p.shard.client_may_read(a));
+    assert_eq!(p.actions(), vec![Action::Resume(a)]);
+}
+
+#[test]
+fn slow_consumer_is_closed_with_506_and_the_upstream_keeps_flowing() {
+    let settings = Settings { client_buffer_limit: 64 * 1024, ..Settings::default() };
+    let mut p = Pair::new(settings);
+    let (slow, up) = p.connected_client();
+    let n_slow = p.open_channel(slow, up, 1);
+    let fast = p.client("guest", "guest", &[], 131072);
+    p.client_out(fast);
+    let n_fast = p.open_channel(fast, up, 1);
+    let deliver = |n: u16| {
+        let mut d = method_frame(n, method::BASIC_DELIVER, &[1, b'c', 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 1, b'q']);
+        let mut header = vec![0, 60, 0, 0];
+        header.extend_from_slice(&8000u64.to_be_bytes());
+        header.extend_from_slice(&[0, 0]);
+        put_frame(&mut d, FRAME_HEADER, n, &header);
+        put_frame(&mut d, FRAME_BODY, n, &[5u8; 8000]);
+        d
+    };
+    for _ in 0..20 {
+        // The slow client never reads; the fast one does.
+        p.send_upstream(up, &deliver(n_slow));
+        p.send_upstream(up, &deliver(n_fast));
+        assert!(p.client_out(fast).iter().any(|f| f.0 == FRAME_BODY));
+    }
+    let unread = p.out(ConnRef::Client(slow));
+    assert!(unread.len() <= 64 * 1024 + 9000, "buffer bounded: {}", unread.len());
+    let got = frames(&unread);
+    let close = got.iter().find(|f| mid(f) == Some(method::CONNECTION_CLOSE)).expect("506 close");
+    assert_eq!(close_of(close), (506, "RESOURCE_ERROR - slow consumer".into()));
+    // Its channel is closed upstream so unacked deliveries are requeued.
+    let sent = p.upstream_out(up);
+    assert!(sent.iter().any(|f| mid(f) == Some(method::CHANNEL_CLOSE) && f.1 == n_slow), "{sent:?}");
+}
