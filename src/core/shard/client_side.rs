@@ -249,6 +249,10 @@ impl Shard {
         let Some(c) = self.clients.get_mut(id.0) else {
             return;
         };
+        // A client closed meanwhile (timeout, error) must not be reopened.
+        if !matches!(c.state, ClientState::ExpectOpen | ClientState::ExpectUpstream) {
+            return;
+        }
         c.state = ClientState::Open;
         c.deadline = None;
         log::info!("client {} connected", c.label());

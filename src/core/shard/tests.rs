@@ -730,3 +730,15 @@ fn slow_consumer_is_closed_with_506_and_the_upstream_keeps_flowing() {
     let sent = p.upstream_out(up);
     assert!(sent.iter().any(|f| mid(f) == Some(method::CHANNEL_CLOSE) && f.1 == n_slow), "{sent:?}");
 }
+
+#[test]
+fn a_client_closed_while_waiting_for_the_upstream_gets_no_open_ok() {
+    let mut p = Pair::new(Settings::default());
+    let c = p.client("guest", "guest", &["authentication_failure_close"], 131072);
+    let up = p.connects()[0];
+    // It misbehaves while waiting: closed with an error.
+    p.send_client(c, &method_frame(1, method::CHANNEL_OPEN, &[0]));
+    assert_eq!(mid(&p.client_out(c)[0]), Some(method::CONNECTION_CLOSE));
+    p.broker_accepts(up, "guest", "guest");
+    assert!(p.client_out(c).is_empty(), "no OpenOk after the Close");
+}
