@@ -250,7 +250,10 @@ impl Shard {
             return;
         };
         // A client closed meanwhile (timeout, error) must not be reopened.
-        if !matches!(c.state, ClientState::ExpectOpen | ClientState::ExpectUpstream) {
+        if !matches!(
+            c.state,
+            ClientState::ExpectOpen | ClientState::ExpectUpstream
+        ) {
             return;
         }
         c.state = ClientState::Open;

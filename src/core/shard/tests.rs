@@ -665,7 +665,10 @@ fn close_ok_after_a_connection_error_closes_at_once() {
     let mut ok = Vec::new();
     m::put_close_ok(&mut ok, 0);
     p.send_client(c, &ok);
-    assert_eq!(p.actions(), vec![Action::CloseAfterFlush(ConnRef::Client(c))]);
+    assert_eq!(
+        p.actions(),
+        vec![Action::CloseAfterFlush(ConnRef::Client(c))]
+    );
 }
 
 #[test]
@@ -685,8 +688,14 @@ fn full_upstream_pauses_only_the_clients_feeding_it_until_it_drains() {
     }
     let queued = p.shard.output(ConnRef::Upstream(up)).len();
     assert!(queued >= crate::core::UPSTREAM_HIGH_WATER, "{queued}");
-    assert!(queued < crate::core::UPSTREAM_HIGH_WATER + 2 * body.len(), "{queued}");
-    assert!(p.shard.client_may_read(b), "a client with no channel there is not paused");
+    assert!(
+        queued < crate::core::UPSTREAM_HIGH_WATER + 2 * body.len(),
+        "{queued}"
+    );
+    assert!(
+        p.shard.client_may_read(b),
+        "a client with no channel there is not paused"
+    );
     p.actions();
     // Drain to just above the low-water mark: still paused.
     let keep = crate::core::UPSTREAM_LOW_WATER + 1;
@@ -699,7 +708,10 @@ fn full_upstream_pauses_only_the_clients_feeding_it_until_it_drains() {
 
 #[test]
 fn slow_consumer_is_closed_with_506_and_the_upstream_keeps_flowing() {
-    let settings = Settings { client_buffer_limit: 64 * 1024, ..Settings::default() };
+    let settings = Settings {
+        client_buffer_limit: 64 * 1024,
+        ..Settings::default()
+    };
     let mut p = Pair::new(settings);
     let (slow, up) = p.connected_client();
     let n_slow = p.open_channel(slow, up, 1);
@@ -707,7 +719,11 @@ fn slow_consumer_is_closed_with_506_and_the_upstream_keeps_flowing() {
     p.client_out(fast);
     let n_fast = p.open_channel(fast, up, 1);
     let deliver = |n: u16| {
-        let mut d = method_frame(n, method::BASIC_DELIVER, &[1, b'c', 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 1, b'q']);
+        let mut d = method_frame(
+            n,
+            method::BASIC_DELIVER,
+            &[1, b'c', 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 1, b'q'],
+        );
         let mut header = vec![0, 60, 0, 0];
         header.extend_from_slice(&8000u64.to_be_bytes());
         header.extend_from_slice(&[0, 0]);
@@ -722,13 +738,27 @@ fn slow_consumer_is_closed_with_506_and_the_upstream_keeps_flowing() {
         assert!(p.client_out(fast).iter().any(|f| f.0 == FRAME_BODY));
     }
     let unread = p.out(ConnRef::Client(slow));
-    assert!(unread.len() <= 64 * 1024 + 9000, "buffer bounded: {}", unread.len());
+    assert!(
+        unread.len() <= 64 * 1024 + 9000,
+        "buffer bounded: {}",
+        unread.len()
+    );
     let got = frames(&unread);
-    let close = got.iter().find(|f| mid(f) == Some(method::CONNECTION_CLOSE)).expect("506 close");
-    assert_eq!(close_of(close), (506, "RESOURCE_ERROR - slow consumer".into()));
+    let close = got
+        .iter()
+        .find(|f| mid(f) == Some(method::CONNECTION_CLOSE))
+        .expect("506 close");
+    assert_eq!(
+        close_of(close),
+        (506, "RESOURCE_ERROR - slow consumer".into())
+    );
     // Its channel is closed upstream so unacked deliveries are requeued.
     let sent = p.upstream_out(up);
-    assert!(sent.iter().any(|f| mid(f) == Some(method::CHANNEL_CLOSE) && f.1 == n_slow), "{sent:?}");
+    assert!(
+        sent.iter()
+            .any(|f| mid(f) == Some(method::CHANNEL_CLOSE) && f.1 == n_slow),
+        "{sent:?}"
+    );
 }
 
 #[test]
@@ -741,4 +771,107 @@ fn a_client_closed_while_waiting_for_the_upstream_gets_no_open_ok() {
     assert_eq!(mid(&p.client_out(c)[0]), Some(method::CONNECTION_CLOSE));
     p.broker_accepts(up, "guest", "guest");
     assert!(p.client_out(c).is_empty(), "no OpenOk after the Close");
+}
+
+/// xorshift64*: deterministic, no dependency.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// A frame that is well-formed often enough to get past the reader:
+/// plausible types, channels and method ids, random arguments.
+fn random_frame(rng: &mut Rng) -> Vec<u8> {
+    let mut out = Vec::new();
+    let channel = [0u16, 1, 2, 3, 2047, 2048, 65535][rng.below(7) as usize];
+    let frame_type = [1u8, 1, 1, 2, 3, 8, 4][rng.below(7) as usize];
+    let mut payload = Vec::new();
+    if frame_type == 1 {
+        let ids: [method::Id; 14] = [
+            (10, 50),
+            (10, 51),
+            (10, 70),
+            (20, 10),
+            (20, 20),
+            (20, 40),
+            (20, 41),
+            (60, 10),
+            (60, 40),
+            (60, 70),
+            (60, 80),
+            (85, 10),
+            (90, 10),
+            (50, 10),
+        ];
+        let id = ids[rng.below(ids.len() as u64) as usize];
+        payload.extend_from_slice(&id.0.to_be_bytes());
+        payload.extend_from_slice(&id.1.to_be_bytes());
+    } else if frame_type == 2 {
+        payload.extend_from_slice(&[0, 60, 0, 0]);
+        payload.extend_from_slice(&rng.below(3000).to_be_bytes());
+    }
+    for _ in 0..rng.below(40) {
+        payload.push(rng.next() as u8);
+    }
+    put_frame(&mut out, frame_type, channel, &payload);
+    if rng.below(50) == 0 {
+        let last = out.len() - 1;
+        out[last] = rng.next() as u8;
+    }
+    out
+}
+
+#[test]
+fn random_input_from_clients_and_the_broker_never_panics() {
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    for round in 0..300 {
+        let mut p = Pair::new(Settings::default());
+        let (c, up) = p.connected_client();
+        let other = p.client("guest", "guest", &[], 131072);
+        p.client_out(other);
+        p.open_channel(other, up, 1);
+        for step in 0..60 {
+            let mut bytes = random_frame(&mut rng);
+            if rng.below(10) == 0 {
+                // Raw garbage now and then.
+                bytes = (0..rng.below(64)).map(|_| rng.next() as u8).collect();
+            }
+            let cut = rng.below(bytes.len() as u64 + 1) as usize;
+            if round % 2 == 0 {
+                p.send_client(c, &bytes[..cut]);
+                p.send_client(c, &bytes[cut..]);
+            } else if step % 3 == 0 {
+                p.send_upstream(up, &bytes);
+            } else {
+                p.send_client(c, &bytes);
+            }
+            p.advance(Duration::from_millis(rng.below(500)));
+            p.out(ConnRef::Client(c));
+            p.out(ConnRef::Client(other));
+            p.out(ConnRef::Upstream(up));
+            for a in p.actions() {
+                if let Action::CloseAfterFlush(conn) = a {
+                    p.shard.release(conn);
+                }
+            }
+        }
+        if round % 2 == 0 {
+            // Whatever the hostile client did, the other client's channel
+            // still works on the shared upstream connection.
+            p.send_client(other, &publish(1, b"q", b"canary"));
+            let sent = p.upstream_out(up);
+            assert!(
+                sent.iter().any(|f| f.2 == b"canary"),
+                "round {round}: {sent:?}"
+            );
+        }
+    }
 }
