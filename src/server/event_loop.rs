@@ -5,7 +5,9 @@
 //!
 //! Queues to workers are bounded; when one is full the event is kept in a
 //! per-worker backlog (merged per token, so its size is bounded by that
-//! worker's socket count) and retried — the loop never blocks on a worker.
+//! worker's socket count) and the worker is flagged; once it has drained its
+//! queue it wakes the loop through the `Waker`, which retries the backlog.
+//! The loop never blocks on a worker and never busy-polls.
 
 use super::token;
 use super::worker::{Ready, WorkerHandle, WorkerMsg};
@@ -19,8 +21,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Accept errors such as EMFILE are retried after this pause, not in a
-/// busy loop.
+/// Accept errors such as EMFILE (and a full worker queue) are retried after
+/// this pause, not in a busy loop.
 const ACCEPT_RETRY: Duration = Duration::from_millis(10);
 
 pub struct EventLoop {
@@ -34,7 +36,7 @@ pub struct EventLoop {
     /// Listeners with connections left to accept (after an error or a full
     /// queue); edge-triggered readiness will not report them again.
     accept_pending: Vec<bool>,
-    _waker: Arc<Waker>,
+    waker: Arc<Waker>,
 }
 
 impl EventLoop {
@@ -54,8 +56,14 @@ impl EventLoop {
             shared,
             next_worker: 0,
             accept_pending: vec![false; n],
-            _waker: waker,
+            waker,
         })
+    }
+
+    /// Workers use it to tell the loop they have room again after the loop
+    /// found their queue full.
+    pub fn waker(&self) -> Arc<Waker> {
+        self.waker.clone()
     }
 
     pub fn registry(&self) -> io::Result<Registry> {
@@ -70,10 +78,10 @@ impl EventLoop {
     pub fn run(&mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
         loop {
-            let busy = self.backlog.iter().any(|b| !b.is_empty())
-                || self.accept_pending.iter().any(|p| *p);
-            let timeout = if busy {
-                Some(Duration::from_millis(1))
+            // A backlog is retried when its worker wakes us; only pending
+            // accepts (after EMFILE or a full queue) need a timed retry.
+            let timeout = if self.accept_pending.iter().any(|p| *p) {
+                Some(ACCEPT_RETRY)
             } else {
                 None
             };
@@ -95,14 +103,10 @@ impl EventLoop {
                 }
                 self.route(t, ready_of(event));
             }
-            let mut paused = false;
             for i in 0..self.listeners.len() {
-                if self.accept_pending[i] && !self.accept(i) {
-                    paused = true;
+                if self.accept_pending[i] {
+                    self.accept(i);
                 }
-            }
-            if paused {
-                std::thread::sleep(ACCEPT_RETRY);
             }
         }
     }
@@ -118,6 +122,7 @@ impl EventLoop {
         }
         if let Err(TrySendError::Full(_)) = worker.send(WorkerMsg::Ready(t, ready)) {
             merge(&mut self.backlog[w], t, ready);
+            worker.set_backlogged();
         }
     }
 
@@ -132,7 +137,10 @@ impl EventLoop {
                     Ok(()) => {
                         backlog.remove(&t);
                     }
-                    Err(_) => break,
+                    Err(_) => {
+                        self.workers[w].set_backlogged();
+                        break;
+                    }
                 }
             }
         }

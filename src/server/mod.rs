@@ -67,6 +67,7 @@ pub fn run(config: Config) -> io::Result<()> {
             settings.clone(),
             config.upstream.addr_string(),
             event_loop.registry()?,
+            event_loop.waker(),
             shared.clone(),
         )?;
         event_loop.add_worker(handle);

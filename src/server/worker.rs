@@ -13,11 +13,11 @@ use super::Shared;
 use crate::core::{Action, ConnRef, Settings, Shard, UpstreamId};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use mio::net::TcpStream;
-use mio::{Interest, Registry, Token};
+use mio::{Interest, Registry, Token, Waker};
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -43,12 +43,19 @@ pub enum WorkerMsg {
 
 pub struct WorkerHandle {
     sender: Sender<WorkerMsg>,
+    /// Set by the loop when this worker's queue was full; the worker clears
+    /// it and wakes the loop once it has taken messages off the queue.
+    backlogged: Arc<AtomicBool>,
     _thread: std::thread::JoinHandle<()>,
 }
 
 impl WorkerHandle {
     pub fn send(&self, msg: WorkerMsg) -> Result<(), TrySendError<WorkerMsg>> {
         self.sender.try_send(msg)
+    }
+
+    pub fn set_backlogged(&self) {
+        self.backlogged.store(true, Ordering::Release);
     }
 }
 
@@ -57,17 +64,21 @@ pub fn spawn(
     settings: Settings,
     upstream: String,
     registry: Registry,
+    waker: Arc<Waker>,
     shared: Arc<Shared>,
 ) -> io::Result<WorkerHandle> {
     let (sender, receiver) = crossbeam_channel::bounded(QUEUE_CAPACITY);
+    let backlogged = Arc::new(AtomicBool::new(false));
+    let flag = backlogged.clone();
     let thread = std::thread::Builder::new()
         .name(format!("worker-{index}"))
         .spawn(move || {
             let mut worker = Worker::new(index, settings, upstream, registry, shared);
-            worker.run(receiver);
+            worker.run(receiver, &flag, &waker);
         })?;
     Ok(WorkerHandle {
         sender,
+        backlogged,
         _thread: thread,
     })
 }
@@ -119,7 +130,7 @@ impl Worker {
         }
     }
 
-    fn run(&mut self, receiver: Receiver<WorkerMsg>) {
+    fn run(&mut self, receiver: Receiver<WorkerMsg>, backlogged: &AtomicBool, waker: &Waker) {
         let mut next_tick = Instant::now() + crate::core::shard::TICK;
         loop {
             let now = Instant::now();
@@ -141,6 +152,13 @@ impl Worker {
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,
+            }
+            if backlogged.swap(false, Ordering::AcqRel) {
+                // The loop holds events for us that did not fit; there is
+                // room now.
+                if let Err(e) = waker.wake() {
+                    log::error!("cannot wake the event loop: {e}");
+                }
             }
             for _ in 0..self.pending_reads.len() {
                 if let Some(conn) = self.pending_reads.pop_front() {
