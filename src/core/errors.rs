@@ -69,34 +69,84 @@ impl ConnectionError {
     }
 }
 
-/// Well-formed methods that RabbitMQ answers with a *connection* error.
-/// Forwarding them would close the shared upstream connection for every
-/// client on it, so the proxy answers them itself, to that client alone.
-pub fn hard_error_for(id: method::Id, payload: &[u8]) -> Option<ConnectionError> {
+/// Exchange types a declare may name: RabbitMQ's built-ins and the types of
+/// the plugins it ships or that are widely used. Any other type makes
+/// RabbitMQ close the whole connection (503), so the proxy refuses it
+/// itself. Passive declares do not check the type, as on the broker.
+pub const EXCHANGE_TYPES: &[&[u8]] = &[
+    b"direct",
+    b"fanout",
+    b"topic",
+    b"headers",
+    b"x-delayed-message",
+    b"x-consistent-hash",
+    b"x-modulus-hash",
+    b"x-random",
+    b"x-recent-history",
+    b"x-jms-topic",
+    b"x-local-random",
+];
+
+/// Checks a method from a client before anything is forwarded: it must be
+/// a method clients may send (503 otherwise), its arguments must parse
+/// exactly (502), and it must not be one of the well-formed methods that
+/// RabbitMQ answers with a *connection* error — forwarding those would
+/// close the shared upstream connection for every client on it, so the
+/// proxy answers them itself, to that client alone. This is the one list
+/// of such errors.
+pub fn check_client_method(id: method::Id, payload: &[u8]) -> Result<(), ConnectionError> {
     use crate::protocol::methods::{decode_flow_active, Publish, Qos};
+    use crate::protocol::spec;
+    let Some((name, args)) = spec::client_method(id) else {
+        return Err(ConnectionError::command_invalid(
+            format!(
+                "unknown method or one a client may not send: class {} method {}",
+                id.0, id.1
+            ),
+            id,
+        ));
+    };
+    spec::validate_arguments(payload, args).map_err(|e| {
+        ConnectionError::new(
+            reply::SYNTAX_ERROR,
+            format!("SYNTAX_ERROR - {name}: {e}"),
+            id,
+        )
+    })?;
+    let syntax = |e| ConnectionError::syntax(e, id);
     match id {
-        method::BASIC_PUBLISH => match Publish::decode(payload) {
-            Ok(p) if p.immediate => Some(ConnectionError::not_implemented("immediate=true", id)),
-            Ok(_) => None,
-            Err(e) => Some(ConnectionError::syntax(e, id)),
-        },
-        method::BASIC_QOS => match Qos::decode(payload) {
-            Ok(q) if q.prefetch_size != 0 => {
-                Some(ConnectionError::not_implemented("prefetch_size!=0", id))
+        method::BASIC_PUBLISH if Publish::decode(payload).map_err(syntax)?.immediate => {
+            Err(ConnectionError::not_implemented("immediate=true", id))
+        }
+        method::BASIC_QOS if Qos::decode(payload).map_err(syntax)?.prefetch_size != 0 => {
+            Err(ConnectionError::not_implemented("prefetch_size!=0", id))
+        }
+        method::CHANNEL_FLOW if !decode_flow_active(payload).map_err(syntax)? => {
+            Err(ConnectionError::not_implemented("active=false", id))
+        }
+        method::BASIC_RECOVER if payload.get(4).is_some_and(|bits| bits & 1 == 0) => {
+            Err(ConnectionError::not_implemented("requeue=false", id))
+        }
+        method::EXCHANGE_DECLARE => {
+            let mut r = crate::protocol::methods::arguments(payload);
+            let _ticket = r.u16().map_err(syntax)?;
+            let _exchange = r.shortstr().map_err(syntax)?;
+            let kind = r.shortstr().map_err(syntax)?;
+            let passive = r.u8().map_err(syntax)? & 1 != 0;
+            if passive || EXCHANGE_TYPES.contains(&kind) {
+                Ok(())
+            } else {
+                Err(ConnectionError::command_invalid(
+                    format!("unknown exchange type '{}'", String::from_utf8_lossy(kind)),
+                    id,
+                ))
             }
-            Ok(_) => None,
-            Err(e) => Some(ConnectionError::syntax(e, id)),
-        },
-        method::CHANNEL_FLOW => match decode_flow_active(payload) {
-            Ok(false) => Some(ConnectionError::not_implemented("active=false", id)),
-            Ok(true) => None,
-            Err(e) => Some(ConnectionError::syntax(e, id)),
-        },
-        method::CONNECTION_UPDATE_SECRET => Some(ConnectionError::not_implemented(
+        }
+        method::CONNECTION_UPDATE_SECRET => Err(ConnectionError::not_implemented(
             "connection.update-secret is not supported by the proxy",
             id,
         )),
-        _ => None,
+        _ => Ok(()),
     }
 }
 
@@ -104,6 +154,61 @@ pub fn hard_error_for(id: method::Id, payload: &[u8]) -> Option<ConnectionError>
 mod tests {
     use super::*;
     use crate::protocol::methods::{put_basic_qos, Qos};
+
+    fn hard_error_for(id: method::Id, payload: &[u8]) -> Option<ConnectionError> {
+        check_client_method(id, payload).err()
+    }
+
+    fn exchange_declare(kind: &[u8], passive: bool) -> Vec<u8> {
+        let mut p = vec![0, 40, 0, 10, 0, 0, 1, b'x', kind.len() as u8];
+        p.extend_from_slice(kind);
+        p.extend_from_slice(&[passive as u8, 0, 0, 0, 0]);
+        p
+    }
+
+    #[test]
+    fn unknown_exchange_type_is_503_unless_passive() {
+        assert_eq!(
+            hard_error_for(method::EXCHANGE_DECLARE, &exchange_declare(b"nope", false))
+                .unwrap()
+                .code,
+            503
+        );
+        assert!(
+            hard_error_for(method::EXCHANGE_DECLARE, &exchange_declare(b"nope", true)).is_none()
+        );
+        assert!(
+            hard_error_for(method::EXCHANGE_DECLARE, &exchange_declare(b"topic", false)).is_none()
+        );
+    }
+
+    #[test]
+    fn unknown_and_server_only_methods_are_503_truncated_is_502() {
+        assert_eq!(hard_error_for((99, 1), &[0, 99, 0, 1]).unwrap().code, 503);
+        assert_eq!(
+            hard_error_for(method::BASIC_DELIVER, &[0, 60, 0, 60])
+                .unwrap()
+                .code,
+            503
+        );
+        assert_eq!(
+            hard_error_for(method::BASIC_ACK, &[0, 60, 0, 80, 0, 0, 0])
+                .unwrap()
+                .code,
+            502
+        );
+    }
+
+    #[test]
+    fn recover_without_requeue_is_540() {
+        assert_eq!(
+            hard_error_for(method::BASIC_RECOVER, &[0, 60, 0, 110, 0])
+                .unwrap()
+                .code,
+            540
+        );
+        assert!(hard_error_for(method::BASIC_RECOVER, &[0, 60, 0, 110, 1]).is_none());
+    }
 
     #[test]
     fn publish_immediate_is_540() {

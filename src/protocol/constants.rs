@@ -85,6 +85,15 @@ pub mod method {
     pub const BASIC_DELIVER: Id = (60, 60);
     pub const BASIC_GET: Id = (60, 70);
     pub const BASIC_GET_OK: Id = (60, 71);
+    pub const BASIC_ACK: Id = (60, 80);
+    pub const BASIC_RECOVER: Id = (60, 110);
+    pub const EXCHANGE_DECLARE_OK: Id = (40, 11);
+    pub const QUEUE_BIND: Id = (50, 20);
+    pub const QUEUE_PURGE: Id = (50, 30);
+    pub const QUEUE_DELETE: Id = (50, 40);
+    pub const QUEUE_UNBIND: Id = (50, 50);
+    pub const BASIC_CONSUME_OK: Id = (60, 21);
+    pub const BASIC_CANCEL_OK: Id = (60, 31);
     pub const CONFIRM_SELECT: Id = (85, 10);
     pub const TX_SELECT: Id = (90, 10);
 

@@ -9,6 +9,7 @@ pub mod codec;
 pub mod constants;
 pub mod frame;
 pub mod methods;
+pub mod spec;
 pub mod table;
 
 pub use frame::{Frame, FrameError, FrameStatus};

@@ -93,6 +93,51 @@ impl FieldTable {
     }
 }
 
+/// Checks a table body (without its length prefix) as [`FieldTable::decode_body`]
+/// would, without allocating: for tables that are forwarded, not read.
+pub fn validate_table(bytes: &[u8]) -> DecodeResult<()> {
+    validate_entries(&mut Reader::new(bytes), 0)
+}
+
+fn validate_entries(r: &mut Reader<'_>, depth: usize) -> DecodeResult<()> {
+    while r.remaining() > 0 {
+        r.shortstr()?;
+        skip_value(r, depth)?;
+    }
+    Ok(())
+}
+
+fn skip_value(r: &mut Reader<'_>, depth: usize) -> DecodeResult<()> {
+    if depth >= MAX_DEPTH {
+        return Err(DecodeError::Invalid("field table nesting depth"));
+    }
+    let size = match r.u8()? {
+        b't' | b'b' | b'B' => 1,
+        b's' | b'u' => 2,
+        b'I' | b'i' | b'f' => 4,
+        b'l' | b'd' | b'T' => 8,
+        b'D' => 5,
+        b'V' => 0,
+        b'S' | b'x' => {
+            r.longstr()?;
+            0
+        }
+        b'F' => {
+            validate_entries(&mut Reader::new(r.table_bytes()?), depth + 1)?;
+            0
+        }
+        b'A' => {
+            let mut inner = Reader::new(r.longstr()?);
+            while inner.remaining() > 0 {
+                skip_value(&mut inner, depth + 1)?;
+            }
+            0
+        }
+        _ => return Err(DecodeError::Invalid("field value type")),
+    };
+    r.take(size).map(drop)
+}
+
 fn decode_entries(r: &mut Reader<'_>, depth: usize) -> DecodeResult<FieldTable> {
     let mut entries = Vec::new();
     while r.remaining() > 0 {
@@ -243,6 +288,20 @@ mod tests {
         assert!(back.capability("publisher_confirms"));
         assert!(!back.capability("connection.blocked"));
         assert!(!back.capability("absent"));
+    }
+
+    #[test]
+    fn validate_agrees_with_decode() {
+        let mut out = Vec::new();
+        sample().write_body(&mut out);
+        assert_eq!(validate_table(&out), Ok(()));
+        for cut in 0..out.len() {
+            assert_eq!(
+                validate_table(&out[..cut]).is_ok(),
+                FieldTable::decode_body(&out[..cut]).is_ok(),
+                "cut at {cut}"
+            );
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@ use crate::core::client::{
     self, capabilities_of, connection_name, negotiate, ChannelLink, ChannelState, ClientState,
     Publishing,
 };
-use crate::core::errors::{hard_error_for, ConnectionError};
+use crate::core::errors::{check_client_method, ConnectionError};
 use crate::core::pool::Credentials;
 use crate::core::upstream::{Slot, SlotState, UpstreamState};
 use crate::core::{ClientId, UpstreamId, MAX_MESSAGE_SIZE, UPSTREAM_HIGH_WATER};
@@ -289,15 +289,6 @@ impl Shard {
         let Some(c) = self.clients.get(id.0) else {
             return Ok(());
         };
-        if ch > c.channel_max {
-            return Err(ConnectionError::channel(
-                format!(
-                    "channel {ch} is above the negotiated channel_max {}",
-                    c.channel_max
-                ),
-                method_id.unwrap_or((0, 0)),
-            ));
-        }
         let link_state = c.channels.get(&ch).map(|l| l.state);
         if method_id == Some(method::CHANNEL_OPEN) {
             if link_state.is_some() {
@@ -306,6 +297,19 @@ impl Shard {
                     method::CHANNEL_OPEN,
                 ));
             }
+            // As RabbitMQ: a channel beyond the negotiated channel_max is
+            // NOT_ALLOWED, and never reaches the broker.
+            if ch > c.channel_max || c.channels.len() >= c.channel_max as usize {
+                return Err(ConnectionError::not_allowed(
+                    format!(
+                        "channel {ch}: number of channels opened ({}) has reached the negotiated channel_max ({})",
+                        c.channels.len(),
+                        c.channel_max
+                    ),
+                    method::CHANNEL_OPEN,
+                ));
+            }
+            check_client_method(method::CHANNEL_OPEN, frame.payload)?;
             return self.client_channel_open(id, ch);
         }
         let Some(link_state) = link_state else {
@@ -348,9 +352,7 @@ impl Shard {
         }
         let id_ =
             methods::method_id(frame.payload).map_err(|e| ConnectionError::syntax(e, (0, 0)))?;
-        if let Some(e) = hard_error_for(id_, frame.payload) {
-            return Err(e);
-        }
+        check_client_method(id_, frame.payload)?;
         match id_ {
             method::CONNECTION_CLOSE => {
                 self.client_connection_close(id);
@@ -505,9 +507,7 @@ impl Shard {
                         mid,
                     ));
                 }
-                if let Some(e) = hard_error_for(mid, frame.payload) {
-                    return Err(e);
-                }
+                check_client_method(mid, frame.payload)?;
                 match mid {
                     (class::CONNECTION, _) => {
                         return Err(ConnectionError::command_invalid(
@@ -540,6 +540,10 @@ impl Shard {
                 }
                 let header = ContentHeader::decode(frame.payload)
                     .map_err(|e| ConnectionError::syntax(e, method::BASIC_PUBLISH))?;
+                if header.class_id == class::BASIC {
+                    crate::protocol::spec::validate_content_header(frame.payload)
+                        .map_err(|e| ConnectionError::syntax(e, method::BASIC_PUBLISH))?;
+                }
                 if header.class_id != class::BASIC {
                     return Err(ConnectionError::unexpected_frame(
                         "content header for a class other than basic",

@@ -875,3 +875,43 @@ fn random_input_from_clients_and_the_broker_never_panics() {
         }
     }
 }
+
+#[test]
+fn channel_open_above_the_negotiated_channel_max_is_530_and_never_forwarded() {
+    let mut p = Pair::new(Settings::default());
+    let id = p.shard.client_connected("127.0.0.1:5".into(), p.now);
+    p.send_client(id, b"AMQP\x00\x00\x09\x01");
+    let mut bytes = Vec::new();
+    m::put_connection_start_ok(
+        &mut bytes,
+        &FieldTable::default(),
+        b"PLAIN",
+        b"\0guest\0guest",
+    );
+    m::put_tune(
+        &mut bytes,
+        true,
+        Tune {
+            channel_max: 10,
+            frame_max: 0,
+            heartbeat: 0,
+        },
+    );
+    m::put_connection_open(&mut bytes, b"/");
+    p.send_client(id, &bytes);
+    let up = p.connects()[0];
+    p.broker_accepts(up, "guest", "guest");
+    p.client_out(id);
+    p.open_channel(id, up, 10);
+    let mut open = Vec::new();
+    m::put_channel_open(&mut open, 11);
+    p.send_client(id, &open);
+    let got = p.client_out(id);
+    assert_eq!(close_of(&got[0]).0, 530);
+    let sent = p.upstream_out(up);
+    assert!(
+        sent.iter()
+            .all(|f| f.1 != 11 && mid(f) != Some(method::CHANNEL_OPEN)),
+        "{sent:?}"
+    );
+}
