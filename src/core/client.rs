@@ -70,6 +70,9 @@ pub struct ChannelLink {
     /// Frames of a publish not yet complete, already rewritten to the
     /// upstream channel number; sent upstream only once the body is whole.
     pub pending: Vec<u8>,
+    /// Queue.Declares awaiting DeclareOk, oldest first: whether each was an
+    /// exclusive declare (its DeclareOk names the queue to record).
+    pub declares: std::collections::VecDeque<bool>,
 }
 
 #[derive(Debug)]
@@ -95,6 +98,8 @@ pub struct Client {
     pub paused: bool,
     /// Waiting for TuneOk/Open: credentials from StartOk.
     pub credentials: Option<super::pool::Credentials>,
+    /// Exclusive queues this client declared, to delete when it leaves.
+    pub exclusive_queues: Vec<(UpstreamId, Vec<u8>)>,
 }
 
 impl Client {
@@ -116,6 +121,7 @@ impl Client {
             deadline: Some(now + settings.handshake_timeout),
             paused: false,
             credentials: None,
+            exclusive_queues: Vec::new(),
         }
     }
 

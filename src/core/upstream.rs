@@ -72,6 +72,8 @@ pub struct Upstream {
     pub paused_clients: Vec<ClientId>,
     /// The broker's Connection.Blocked is in force.
     pub blocked: bool,
+    /// Exclusive queues declared through this connection, by owner.
+    pub exclusive: std::collections::HashMap<Vec<u8>, ClientId>,
 }
 
 impl Upstream {
@@ -100,6 +102,7 @@ impl Upstream {
             idle_since: None,
             paused_clients: Vec::new(),
             blocked: false,
+            exclusive: std::collections::HashMap::new(),
         }
     }
 

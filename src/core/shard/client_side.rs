@@ -442,6 +442,7 @@ impl Shard {
                     state: ChannelState::Opening,
                     publishing: Publishing::Idle,
                     pending: Vec::new(),
+                    declares: Default::default(),
                 },
             );
         }
@@ -508,6 +509,16 @@ impl Shard {
                     ));
                 }
                 check_client_method(mid, frame.payload)?;
+                if self.exclusive_refused(id, ch, mid, frame.payload) {
+                    return Ok(());
+                }
+                let Some(link) = self
+                    .clients
+                    .get_mut(id.0)
+                    .and_then(|c| c.channels.get_mut(&ch))
+                else {
+                    return Ok(());
+                };
                 match mid {
                     (class::CONNECTION, _) => {
                         return Err(ConnectionError::command_invalid(

@@ -9,6 +9,7 @@
 //! clients, `upstream_side` frames from the broker, `timers` the clock.
 
 mod client_side;
+mod exclusive;
 mod timers;
 
 pub use timers::TICK;
@@ -361,6 +362,7 @@ impl Shard {
     /// (the number stays busy until CloseOk), broker-closed ones get the
     /// CloseOk the client never sent.
     fn release_client_channels(&mut self, id: ClientId) {
+        self.release_exclusive_queues(id);
         let Some(c) = self.clients.get_mut(id.0) else {
             return;
         };

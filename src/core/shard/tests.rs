@@ -915,3 +915,100 @@ fn channel_open_above_the_negotiated_channel_max_is_530_and_never_forwarded() {
         "{sent:?}"
     );
 }
+
+fn queue_method(channel: u16, id: method::Id, queue: &[u8], tail: &[u8]) -> Vec<u8> {
+    let mut args = vec![0, 0, queue.len() as u8];
+    args.extend_from_slice(queue);
+    args.extend_from_slice(tail);
+    method_frame(channel, id, &args)
+}
+
+fn declare_ok(channel: u16, queue: &[u8]) -> Vec<u8> {
+    let mut args = vec![queue.len() as u8];
+    args.extend_from_slice(queue);
+    args.extend_from_slice(&[0; 8]);
+    method_frame(channel, method::QUEUE_DECLARE_OK, &args)
+}
+
+/// Queue.Declare tail: flags octet then an empty arguments table.
+const EXCLUSIVE: &[u8] = &[0b0000_0100, 0, 0, 0, 0];
+const PASSIVE: &[u8] = &[0b0000_0001, 0, 0, 0, 0];
+
+#[test]
+fn exclusive_queues_are_locked_to_their_owner_and_deleted_when_it_leaves() {
+    let mut p = Pair::new(Settings::default());
+    let (a, up) = p.connected_client();
+    let na = p.open_channel(a, up, 1);
+    let b = p.client("guest", "guest", &[], 131072);
+    p.client_out(b);
+    p.open_channel(b, up, 1);
+    // A declares a named and a server-named exclusive queue.
+    p.send_client(a, &queue_method(1, method::QUEUE_DECLARE, b"qx", EXCLUSIVE));
+    p.send_upstream(up, &declare_ok(na, b"qx"));
+    p.send_client(a, &queue_method(1, method::QUEUE_DECLARE, b"", EXCLUSIVE));
+    p.send_upstream(up, &declare_ok(na, b"amq.gen-1"));
+    p.upstream_out(up);
+    p.client_out(a);
+    // B may publish to it...
+    p.send_client(b, &publish(1, b"qx", b"allowed"));
+    assert_eq!(p.upstream_out(up).len(), 3);
+    // ...but not declare it passively, nor get from the server-named one.
+    for (queue, id, tail) in [
+        (&b"qx"[..], method::QUEUE_DECLARE, PASSIVE),
+        (b"amq.gen-1", method::BASIC_GET, &[0][..]),
+        (b"qx", method::QUEUE_PURGE, &[0][..]),
+    ] {
+        p.send_client(b, &queue_method(1, id, queue, tail));
+        let got = p.client_out(b);
+        let (code, text) = close_of(&got[0]);
+        assert_eq!((code, got[0].1), (405, 1), "{text}");
+        assert!(text.starts_with("RESOURCE_LOCKED"), "{text}");
+        let sent = p.upstream_out(up);
+        assert!(
+            sent.iter().all(|f| mid(f) == Some(method::CHANNEL_CLOSE)),
+            "only B's channel close goes upstream: {sent:?}"
+        );
+        let mut ok = Vec::new();
+        m::put_close_ok(&mut ok, 1);
+        p.send_client(b, &ok);
+        let mut ok = Vec::new();
+        m::put_close_ok(&mut ok, sent[0].1);
+        p.send_upstream(up, &ok);
+        p.open_channel(b, up, 1);
+    }
+    // A leaves: both queues are deleted upstream on a proxy channel.
+    p.shard.client_gone(a, p.now);
+    let sent = p.upstream_out(up);
+    let deletes: Vec<Vec<u8>> = sent
+        .iter()
+        .filter(|f| mid(f) == Some(method::QUEUE_DELETE))
+        .map(|f| f.2[7..7 + f.2[6] as usize].to_vec())
+        .collect();
+    assert_eq!(deletes, vec![b"qx".to_vec(), b"amq.gen-1".to_vec()]);
+    // And B may now use the name.
+    p.send_client(b, &queue_method(1, method::QUEUE_DECLARE, b"qx", EXCLUSIVE));
+    assert!(p.client_out(b).is_empty());
+    assert_eq!(mid(&p.upstream_out(up)[0]), Some(method::QUEUE_DECLARE));
+}
+
+#[test]
+fn an_owner_deleting_its_exclusive_queue_frees_the_name() {
+    let mut p = Pair::new(Settings::default());
+    let (a, up) = p.connected_client();
+    let na = p.open_channel(a, up, 1);
+    let b = p.client("guest", "guest", &[], 131072);
+    p.client_out(b);
+    p.open_channel(b, up, 1);
+    p.send_client(a, &queue_method(1, method::QUEUE_DECLARE, b"qy", EXCLUSIVE));
+    p.send_upstream(up, &declare_ok(na, b"qy"));
+    p.send_client(a, &queue_method(1, method::QUEUE_DELETE, b"qy", &[0]));
+    p.upstream_out(up);
+    p.send_client(b, &queue_method(1, method::QUEUE_DECLARE, b"qy", PASSIVE));
+    assert!(p.client_out(b).is_empty());
+    p.shard.client_gone(a, p.now);
+    let sent = p.upstream_out(up);
+    assert!(
+        sent.iter().all(|f| mid(f) != Some(method::QUEUE_DELETE)),
+        "{sent:?}"
+    );
+}

@@ -366,6 +366,9 @@ impl Shard {
         {
             return;
         }
+        if mid == Some(method::QUEUE_DECLARE_OK) {
+            self.exclusive_declare_ok(id, client, ch, frame.payload);
+        }
         self.forward_client(client, ch, frame);
     }
 
