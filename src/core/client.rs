@@ -73,6 +73,8 @@ pub struct ChannelLink {
     /// Queue.Declares awaiting DeclareOk, oldest first: whether each was an
     /// exclusive declare (its DeclareOk names the queue to record).
     pub declares: std::collections::VecDeque<bool>,
+    /// Consumer tags active on this channel.
+    pub consumer_tags: Vec<Vec<u8>>,
 }
 
 #[derive(Debug)]

@@ -70,8 +70,9 @@ pub struct Upstream {
     pub idle_since: Option<Instant>,
     /// Clients whose reading is paused until `out` drains.
     pub paused_clients: Vec<ClientId>,
-    /// The broker's Connection.Blocked is in force.
-    pub blocked: bool,
+    /// The broker's Connection.Blocked payload while it is in force, so a
+    /// client that gets a channel here later is told too.
+    pub blocked: Option<Vec<u8>>,
     /// Exclusive queues declared through this connection, by owner.
     pub exclusive: std::collections::HashMap<Vec<u8>, ClientId>,
 }
@@ -101,7 +102,7 @@ impl Upstream {
             deadline: Some(now + connect_timeout),
             idle_since: None,
             paused_clients: Vec::new(),
-            blocked: false,
+            blocked: None,
             exclusive: std::collections::HashMap::new(),
         }
     }

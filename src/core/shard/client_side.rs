@@ -443,6 +443,7 @@ impl Shard {
                     publishing: Publishing::Idle,
                     pending: Vec::new(),
                     declares: Default::default(),
+                    consumer_tags: Vec::new(),
                 },
             );
         }
@@ -512,6 +513,7 @@ impl Shard {
                 if self.exclusive_refused(id, ch, mid, frame.payload) {
                     return Ok(());
                 }
+                self.check_consumer_tags(id, ch, mid, frame.payload)?;
                 let Some(link) = self
                     .clients
                     .get_mut(id.0)

@@ -9,6 +9,7 @@
 //! clients, `upstream_side` frames from the broker, `timers` the clock.
 
 mod client_side;
+mod consumers;
 mod exclusive;
 mod timers;
 

@@ -1012,3 +1012,79 @@ fn an_owner_deleting_its_exclusive_queue_frees_the_name() {
         "{sent:?}"
     );
 }
+
+fn consume(channel: u16, queue: &[u8], tag: &[u8]) -> Vec<u8> {
+    let mut tail = vec![tag.len() as u8];
+    tail.extend_from_slice(tag);
+    tail.extend_from_slice(&[0, 0, 0, 0, 0]);
+    queue_method(channel, method::BASIC_CONSUME, queue, &tail)
+}
+
+fn tagged(channel: u16, id: method::Id, tag: &[u8]) -> Vec<u8> {
+    let mut args = vec![tag.len() as u8];
+    args.extend_from_slice(tag);
+    if id == method::BASIC_CANCEL {
+        args.push(0);
+    }
+    method_frame(channel, id, &args)
+}
+
+#[test]
+fn reusing_an_active_consumer_tag_is_530_from_the_proxy() {
+    let mut p = Pair::new(Settings::default());
+    let (c, up) = p.connected_client();
+    let n = p.open_channel(c, up, 1);
+    p.send_client(c, &consume(1, b"q", b"t1"));
+    p.send_client(c, &consume(1, b"q", b""));
+    p.send_upstream(up, &tagged(n, method::BASIC_CONSUME_OK, b"t1"));
+    p.send_upstream(up, &tagged(n, method::BASIC_CONSUME_OK, b"amq.ctag-1"));
+    assert_eq!(p.upstream_out(up).len(), 2);
+    p.client_out(c);
+    // Cancelled tags may be reused; the broker's cancel frees one too.
+    p.send_client(c, &tagged(1, method::BASIC_CANCEL, b"t1"));
+    p.send_upstream(up, &tagged(n, method::BASIC_CANCEL, b"amq.ctag-1"));
+    p.send_client(c, &consume(1, b"q", b"t1"));
+    p.send_client(c, &consume(1, b"q", b"amq.ctag-1"));
+    assert!(p
+        .client_out(c)
+        .iter()
+        .all(|f| mid(f) != Some(method::CONNECTION_CLOSE)));
+    assert_eq!(p.upstream_out(up).len(), 3);
+    // A tag still active is refused by the proxy, not forwarded.
+    p.send_client(c, &consume(1, b"q", b"t1"));
+    let got = p.client_out(c);
+    let close = got
+        .iter()
+        .find(|f| mid(f) == Some(method::CONNECTION_CLOSE))
+        .unwrap();
+    assert_eq!(close_of(close).0, 530);
+    assert!(p
+        .upstream_out(up)
+        .iter()
+        .all(|f| mid(f) != Some(method::BASIC_CONSUME)));
+}
+
+#[test]
+fn a_client_opening_a_channel_on_a_blocked_upstream_is_told() {
+    let mut p = Pair::new(Settings::default());
+    let (a, up) = p.connected_client();
+    p.open_channel(a, up, 1);
+    p.send_upstream(
+        up,
+        &method_frame(0, method::CONNECTION_BLOCKED, &[3, b'm', b'e', b'm']),
+    );
+    p.client_out(a);
+    let b = p.client("guest", "guest", &["connection.blocked"], 131072);
+    p.client_out(b);
+    let mut open = Vec::new();
+    m::put_channel_open(&mut open, 1);
+    p.send_client(b, &open);
+    let n = p.upstream_out(up)[0].1;
+    let mut ok = Vec::new();
+    m::put_channel_open_ok(&mut ok, n);
+    p.send_upstream(up, &ok);
+    let got = p.client_out(b);
+    assert_eq!(mid(&got[1]), Some(method::CONNECTION_BLOCKED));
+    p.send_upstream(up, &method_frame(0, method::CONNECTION_UNBLOCKED, &[]));
+    assert_eq!(mid(&p.client_out(b)[0]), Some(method::CONNECTION_UNBLOCKED));
+}

@@ -241,6 +241,21 @@ impl Shard {
         }
     }
 
+    /// A client that just got a channel on a blocked upstream connection
+    /// learns it is blocked, as it would from the broker directly.
+    fn tell_if_blocked(&mut self, id: UpstreamId, client: ClientId) {
+        let Some(payload) = self.upstreams.get(id.0).and_then(|u| u.blocked.clone()) else {
+            return;
+        };
+        if self
+            .clients
+            .get(client.0)
+            .is_some_and(|c| c.capabilities.connection_blocked)
+        {
+            self.client_send(client, |out| put_frame(out, FRAME_METHOD, 0, &payload));
+        }
+    }
+
     fn upstream_channel_zero(&mut self, id: UpstreamId, frame: Frame<'_>) {
         let mid = frame.method_id();
         let blocked = match mid {
@@ -251,7 +266,7 @@ impl Shard {
         let Some(u) = self.upstreams.get_mut(id.0) else {
             return;
         };
-        u.blocked = blocked;
+        u.blocked = blocked.then(|| frame.payload.to_vec());
         log::info!(
             "upstream {}: connection {}",
             self.settings.upstream_name,
@@ -291,6 +306,7 @@ impl Shard {
                             link.state = ChannelState::Open;
                         }
                         self.client_send(client, |out| put_channel_open_ok(out, ch));
+                        self.tell_if_blocked(id, client);
                     }
                     (SlotState::Opening, None) => {
                         self.upstream_send(id, |out| {
@@ -358,6 +374,9 @@ impl Shard {
         let (SlotState::Open, Some((client, ch))) = (slot.state, slot.owner) else {
             return;
         };
+        if mid == Some(method::BASIC_CANCEL) {
+            self.consumer_ended(client, ch, frame.payload);
+        }
         if mid == Some(method::BASIC_CANCEL)
             && !self
                 .clients
@@ -366,8 +385,13 @@ impl Shard {
         {
             return;
         }
-        if mid == Some(method::QUEUE_DECLARE_OK) {
-            self.exclusive_declare_ok(id, client, ch, frame.payload);
+        match mid {
+            Some(method::QUEUE_DECLARE_OK) => {
+                self.exclusive_declare_ok(id, client, ch, frame.payload)
+            }
+            Some(method::BASIC_CONSUME_OK) => self.consumer_started(client, ch, frame.payload),
+            Some(method::BASIC_CANCEL_OK) => self.consumer_ended(client, ch, frame.payload),
+            _ => {}
         }
         self.forward_client(client, ch, frame);
     }

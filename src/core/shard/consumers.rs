@@ -1,0 +1,98 @@
+//! Consumer tags per channel. RabbitMQ answers a Basic.Consume that reuses
+//! a tag still active on its channel with a *connection* error (530
+//! NOT_ALLOWED, "attempt to reuse consumer tag"), which would close the
+//! shared upstream connection; the proxy tracks the tags of each client
+//! channel and answers that error itself.
+
+use super::Shard;
+use crate::core::errors::ConnectionError;
+use crate::core::ClientId;
+use crate::protocol::constants::method;
+use crate::protocol::methods;
+
+/// Basic.Consume's consumer tag (ticket and queue come first).
+fn consume_tag(payload: &[u8]) -> Option<&[u8]> {
+    let mut r = methods::arguments(payload);
+    r.u16().ok()?;
+    r.shortstr().ok()?;
+    r.shortstr().ok()
+}
+
+/// The consumer tag that opens Basic.Cancel, CancelOk and ConsumeOk.
+fn leading_tag(payload: &[u8]) -> Option<&[u8]> {
+    methods::arguments(payload).shortstr().ok()
+}
+
+impl Shard {
+    /// Tracks a client's Basic.Consume and Basic.Cancel; refuses a tag that
+    /// is already active on the channel.
+    pub(super) fn check_consumer_tags(
+        &mut self,
+        id: ClientId,
+        ch: u16,
+        mid: method::Id,
+        payload: &[u8],
+    ) -> Result<(), ConnectionError> {
+        let Some(link) = self
+            .clients
+            .get_mut(id.0)
+            .and_then(|c| c.channels.get_mut(&ch))
+        else {
+            return Ok(());
+        };
+        match mid {
+            method::BASIC_CONSUME => {
+                let Some(tag) = consume_tag(payload).filter(|t| !t.is_empty()) else {
+                    return Ok(()); // the broker names it; ConsumeOk tells us
+                };
+                if link.consumer_tags.iter().any(|t| t == tag) {
+                    return Err(ConnectionError::not_allowed(
+                        format!(
+                            "attempt to reuse consumer tag '{}'",
+                            String::from_utf8_lossy(tag)
+                        ),
+                        mid,
+                    ));
+                }
+                link.consumer_tags.push(tag.to_vec());
+            }
+            method::BASIC_CANCEL => {
+                if let Some(tag) = leading_tag(payload) {
+                    link.consumer_tags.retain(|t| t != tag);
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Basic.ConsumeOk from the broker: a server-named tag is now active.
+    pub(super) fn consumer_started(&mut self, client: ClientId, ch: u16, payload: &[u8]) {
+        let Some(link) = self
+            .clients
+            .get_mut(client.0)
+            .and_then(|c| c.channels.get_mut(&ch))
+        else {
+            return;
+        };
+        if let Some(tag) = leading_tag(payload) {
+            if !link.consumer_tags.iter().any(|t| t == tag) {
+                link.consumer_tags.push(tag.to_vec());
+            }
+        }
+    }
+
+    /// Basic.Cancel (broker-initiated) or CancelOk: the tag is free again.
+    pub(super) fn consumer_ended(&mut self, client: ClientId, ch: u16, payload: &[u8]) {
+        let Some(link) = self
+            .clients
+            .get_mut(client.0)
+            .and_then(|c| c.channels.get_mut(&ch))
+        else {
+            return;
+        };
+        if let Some(tag) = leading_tag(payload) {
+            link.consumer_tags.retain(|t| t != tag);
+        }
+    }
+}
