@@ -75,6 +75,9 @@ pub struct ChannelLink {
     pub declares: std::collections::VecDeque<bool>,
     /// Consumer tags active on this channel.
     pub consumer_tags: Vec<Vec<u8>>,
+    /// Since Channel.Open the client only did what leaves no state on the
+    /// channel (see `reuse::leaves_no_state`), so it may be reused.
+    pub safe: bool,
 }
 
 #[derive(Debug)]

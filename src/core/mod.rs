@@ -69,6 +69,10 @@ pub struct Settings {
     pub min_idle_connections: u32,
     pub max_upstream_channels: u16,
     pub client_buffer_limit: usize,
+    /// Keep safe channels open upstream for the next client of the pool.
+    pub channel_reuse: bool,
+    pub max_idle_channels: u32,
+    pub idle_channel_timeout: Duration,
     /// `host:port` the proxy listens on, for upstream connection names.
     pub listen_name: String,
     /// `host:port` of the broker, for log lines and error texts.
@@ -87,6 +91,9 @@ impl Default for Settings {
             min_idle_connections: 0,
             max_upstream_channels: u16::MAX,
             client_buffer_limit: 16 * 1024 * 1024,
+            channel_reuse: true,
+            max_idle_channels: 64,
+            idle_channel_timeout: Duration::from_secs(30),
             listen_name: "localhost:5673".into(),
             upstream_name: "localhost:5672".into(),
         }

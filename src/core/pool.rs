@@ -54,6 +54,17 @@ pub struct Pool {
     /// Clients (any state) that belong to this pool; the pool is dropped
     /// when this and `upstreams` are both empty.
     pub clients: usize,
+    /// Upstream channels fenced clean and ready for the next Channel.Open,
+    /// most recently idled last.
+    pub idle: Vec<IdleChannel>,
+}
+
+/// A reusable upstream channel: open, with no client state on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdleChannel {
+    pub upstream: UpstreamId,
+    pub channel: u16,
+    pub since: std::time::Instant,
 }
 
 #[cfg(test)]

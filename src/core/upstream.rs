@@ -39,6 +39,11 @@ pub enum SlotState {
     /// The broker sent Channel.Close; we owe it CloseOk once the client
     /// has answered.
     BrokerClosing,
+    /// A safe channel its client closed: the proxy sent Basic.Qos(0,0,false)
+    /// and waits for QosOk, consuming anything that arrives before it.
+    Fencing,
+    /// Fenced clean; on the pool's idle list for the next client.
+    Idle,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,6 +159,18 @@ impl Upstream {
                 }
             }
         }
+    }
+
+    /// Channels in use by clients (or closing), as opposed to idle ones
+    /// kept for reuse: an upstream with no busy channel is idle.
+    pub fn busy(&self) -> usize {
+        self.used
+            - self
+                .slots
+                .iter()
+                .flatten()
+                .filter(|s| s.state == SlotState::Idle)
+                .count()
     }
 
     /// Distinct clients with a channel here.

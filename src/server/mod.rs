@@ -37,6 +37,9 @@ pub fn settings_from(config: &Config) -> Settings {
         min_idle_connections: config.min_idle_connections,
         max_upstream_channels: config.max_upstream_channels,
         client_buffer_limit: config.client_buffer_limit,
+        channel_reuse: config.channel_reuse,
+        max_idle_channels: config.max_idle_channels,
+        idle_channel_timeout: config.idle_channel_timeout,
         listen_name: format!("{}:{}", config.listen_address, config.listen_port),
         upstream_name: config.upstream.addr_string(),
     }

@@ -1,6 +1,7 @@
 //! Frames from clients: the server side of the handshake, channel open and
 //! close, validation, publish assembly and forwarding upstream.
 
+use super::reuse::{leaves_no_state, reusable};
 use super::Shard;
 use crate::core::client::{
     self, capabilities_of, connection_name, negotiate, ChannelLink, ChannelState, ClientState,
@@ -375,6 +376,10 @@ impl Shard {
         let Some(pool) = self.clients.get(id.0).and_then(|c| c.pool) else {
             return Ok(());
         };
+        if let Some((uid, n)) = self.open_from_idle(id, ch, pool) {
+            self.insert_link(id, ch, uid, n, ChannelState::Open);
+            return Ok(());
+        }
         let owner = Some((id, ch));
         let upstreams = self
             .pools
@@ -433,21 +438,26 @@ impl Shard {
         if state == SlotState::Opening {
             self.upstream_send(uid, |out| put_channel_open(out, n));
         }
+        self.insert_link(id, ch, uid, n, ChannelState::Opening);
+        Ok(())
+    }
+
+    fn insert_link(&mut self, id: ClientId, ch: u16, uid: UpstreamId, n: u16, state: ChannelState) {
         if let Some(c) = self.clients.get_mut(id.0) {
             c.channels.insert(
                 ch,
                 ChannelLink {
                     upstream: uid,
                     upstream_channel: n,
-                    state: ChannelState::Opening,
+                    state,
                     publishing: Publishing::Idle,
                     pending: Vec::new(),
                     declares: Default::default(),
                     consumer_tags: Vec::new(),
+                    safe: true,
                 },
             );
         }
-        Ok(())
     }
 
     fn client_channel_close_ok(&mut self, id: ClientId, ch: u16) {
@@ -521,6 +531,9 @@ impl Shard {
                 else {
                     return Ok(());
                 };
+                if !leaves_no_state(mid, frame.payload) {
+                    link.safe = false;
+                }
                 match mid {
                     (class::CONNECTION, _) => {
                         return Err(ConnectionError::command_invalid(
@@ -535,6 +548,23 @@ impl Shard {
                         return Ok(());
                     }
                     method::CHANNEL_CLOSE => {
+                        let reuse = self.settings.channel_reuse
+                            && reusable(link)
+                            && self
+                                .upstreams
+                                .get(uid.0)
+                                .and_then(|u| u.slot(n))
+                                .is_some_and(|s| s.state == SlotState::Open);
+                        if reuse {
+                            // CloseOk at once; the upstream channel is fenced
+                            // and kept for the next client.
+                            if let Some(c) = self.clients.get_mut(id.0) {
+                                c.channels.remove(&ch);
+                            }
+                            self.client_send(id, |out| put_close_ok(out, ch));
+                            self.fence(uid, n);
+                            return Ok(());
+                        }
                         link.state = ChannelState::ClosingByClient;
                         self.set_slot(uid, n, SlotState::Closing, Some((id, ch)));
                     }
@@ -712,6 +742,7 @@ impl Shard {
                 self.set_slot(uid, n, SlotState::Closing, None);
             }
             SlotState::Closing => self.set_slot(uid, n, SlotState::Closing, None),
+            SlotState::Fencing | SlotState::Idle => {}
             SlotState::BrokerClosing => {
                 self.upstream_send(uid, |out| put_close_ok(out, n));
                 self.free_slot(uid, n);

@@ -11,8 +11,10 @@
 mod client_side;
 mod consumers;
 mod exclusive;
+mod reuse;
 mod timers;
 
+pub use reuse::{leaves_no_state, ReuseCounts};
 pub use timers::TICK;
 mod upstream_side;
 
@@ -35,6 +37,7 @@ pub struct Shard {
     actions: Vec<Action>,
     dirty: Vec<ConnRef>,
     now: Instant,
+    reuse: ReuseCounts,
 }
 
 /// Counts for tests, logs and metrics.
@@ -56,6 +59,7 @@ impl Shard {
             actions: Vec::new(),
             dirty: Vec::new(),
             now,
+            reuse: ReuseCounts::default(),
         }
     }
 
@@ -66,6 +70,10 @@ impl Shard {
     /// Applies reloadable settings (timeouts, limits) to later decisions.
     pub fn set_settings(&mut self, settings: Settings) {
         self.settings = settings;
+    }
+
+    pub fn reuse_counts(&self) -> ReuseCounts {
+        self.reuse
     }
 
     pub fn counts(&self) -> ShardCounts {
@@ -378,6 +386,9 @@ impl Shard {
             }
             match slot.state {
                 SlotState::Pending => self.free_slot(uid, n),
+                SlotState::Open if self.settings.channel_reuse && reuse::reusable(&link) => {
+                    self.fence(uid, n)
+                }
                 SlotState::Opening | SlotState::Open => {
                     self.upstream_send(uid, |out| {
                         put_close(out, n, reply::SUCCESS, b"client closed the channel", (0, 0))
@@ -385,6 +396,8 @@ impl Shard {
                     self.set_slot(uid, n, SlotState::Closing, None);
                 }
                 SlotState::Closing => self.set_slot(uid, n, SlotState::Closing, None),
+                // Owned by the proxy, never by a client link.
+                SlotState::Fencing | SlotState::Idle => {}
                 SlotState::BrokerClosing => {
                     self.upstream_send(uid, |out| put_close_ok(out, n));
                     self.free_slot(uid, n);
@@ -435,6 +448,7 @@ impl Shard {
         }
         if let Some(p) = self.pools.get_mut(pool) {
             p.upstreams.retain(|x| *x != id);
+            p.idle.retain(|i| i.upstream != id);
         }
         for client in owners {
             // Their links to this upstream are dead; forget them first so
@@ -494,6 +508,7 @@ impl Shard {
             upstreams: Vec::new(),
             waiting: Vec::new(),
             clients: 0,
+            idle: Vec::new(),
         })
     }
 

@@ -11,6 +11,14 @@ use std::time::Duration;
 
 type Wire = Vec<(u8, u16, Vec<u8>)>;
 
+#[allow(non_snake_case)]
+fn NO_REUSE() -> Settings {
+    Settings {
+        channel_reuse: false,
+        ..Settings::default()
+    }
+}
+
 struct Pair {
     shard: Shard,
     now: Instant,
@@ -531,7 +539,7 @@ fn unsolicited_close_ok_keeps_the_mapping() {
 
 #[test]
 fn client_channel_close_round_trip() {
-    let mut p = Pair::new(Settings::default());
+    let mut p = Pair::new(NO_REUSE());
     let (c, up) = p.connected_client();
     let n = p.open_channel(c, up, 3);
     let mut close = Vec::new();
@@ -710,7 +718,7 @@ fn full_upstream_pauses_only_the_clients_feeding_it_until_it_drains() {
 fn slow_consumer_is_closed_with_506_and_the_upstream_keeps_flowing() {
     let settings = Settings {
         client_buffer_limit: 64 * 1024,
-        ..Settings::default()
+        ..NO_REUSE()
     };
     let mut p = Pair::new(settings);
     let (slow, up) = p.connected_client();
@@ -1087,4 +1095,262 @@ fn a_client_opening_a_channel_on_a_blocked_upstream_is_told() {
     assert_eq!(mid(&got[1]), Some(method::CONNECTION_BLOCKED));
     p.send_upstream(up, &method_frame(0, method::CONNECTION_UNBLOCKED, &[]));
     assert_eq!(mid(&p.client_out(b)[0]), Some(method::CONNECTION_UNBLOCKED));
+}
+
+fn close_channel(p: &mut Pair, c: ClientId, ch: u16) {
+    let mut close = Vec::new();
+    m::put_close(&mut close, ch, 200, b"bye", (0, 0));
+    p.send_client(c, &close);
+}
+
+fn qos_ok(n: u16) -> Vec<u8> {
+    method_frame(n, method::BASIC_QOS_OK, &[])
+}
+
+#[test]
+fn a_safe_channel_is_fenced_then_reused_without_a_round_trip() {
+    let mut p = Pair::new(Settings::default());
+    let (a, up) = p.connected_client();
+    let n = p.open_channel(a, up, 1);
+    p.send_client(a, &publish(1, b"q", b"one"));
+    p.upstream_out(up);
+    close_channel(&mut p, a, 1);
+    let got = p.client_out(a);
+    assert_eq!(
+        (mid(&got[0]), got[0].1),
+        (Some(method::CHANNEL_CLOSE_OK), 1),
+        "CloseOk at once"
+    );
+    let sent = p.upstream_out(up);
+    assert_eq!(
+        (mid(&sent[0]), sent[0].1),
+        (Some(method::BASIC_QOS), n),
+        "fence, not close"
+    );
+    assert_eq!(sent.len(), 1);
+    // Before the fence completes the channel is not handed out.
+    let mut open = Vec::new();
+    m::put_channel_open(&mut open, 2);
+    p.send_client(a, &open);
+    let fresh = p.upstream_out(up);
+    assert_eq!(mid(&fresh[0]), Some(method::CHANNEL_OPEN));
+    assert_ne!(fresh[0].1, n);
+    p.send_upstream(up, &qos_ok(n));
+    // Now a new client's Channel.Open is answered locally with channel n.
+    let b = p.client("guest", "guest", &[], 131072);
+    p.client_out(b);
+    let mut open = Vec::new();
+    m::put_channel_open(&mut open, 7);
+    p.send_client(b, &open);
+    let got = p.client_out(b);
+    assert_eq!((mid(&got[0]), got[0].1), (Some(method::CHANNEL_OPEN_OK), 7));
+    assert!(p.upstream_out(up).is_empty(), "no upstream round trip");
+    p.send_client(b, &publish(7, b"q", b"two"));
+    let sent = p.upstream_out(up);
+    assert!(sent.iter().all(|f| f.1 == n));
+    assert_eq!(p.shard.reuse_counts().hits, 1);
+}
+
+#[test]
+fn unsafe_channels_are_closed_not_reused() {
+    let unsafe_methods: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "confirm.select",
+            method_frame(1, method::CONFIRM_SELECT, &[0]),
+        ),
+        ("tx.select", method_frame(1, method::TX_SELECT, &[])),
+        ("basic.consume", consume(1, b"q", b"t")),
+        (
+            "basic.qos",
+            method_frame(1, method::BASIC_QOS, &[0, 0, 0, 0, 0, 1, 0]),
+        ),
+        (
+            "basic.get with ack",
+            queue_method(1, method::BASIC_GET, b"q", &[0]),
+        ),
+        ("channel.flow", method_frame(1, method::CHANNEL_FLOW, &[1])),
+        (
+            "basic.recover",
+            method_frame(1, method::BASIC_RECOVER, &[1]),
+        ),
+    ];
+    for (what, bytes) in unsafe_methods {
+        let mut p = Pair::new(Settings::default());
+        let (a, up) = p.connected_client();
+        let n = p.open_channel(a, up, 1);
+        p.send_client(a, &bytes);
+        p.upstream_out(up);
+        close_channel(&mut p, a, 1);
+        let sent = p.upstream_out(up);
+        assert_eq!(
+            (mid(&sent[0]), sent[0].1),
+            (Some(method::CHANNEL_CLOSE), n),
+            "{what}"
+        );
+        assert!(
+            p.client_out(a).is_empty(),
+            "{what}: CloseOk comes from the broker"
+        );
+    }
+    // Basic.Get with no_ack is safe.
+    let mut p = Pair::new(Settings::default());
+    let (a, up) = p.connected_client();
+    p.open_channel(a, up, 1);
+    p.send_client(a, &queue_method(1, method::BASIC_GET, b"q", &[1]));
+    p.upstream_out(up);
+    close_channel(&mut p, a, 1);
+    assert_eq!(mid(&p.upstream_out(up)[0]), Some(method::BASIC_QOS));
+}
+
+#[test]
+fn poison_arriving_before_the_fence_is_consumed_and_a_close_discards_the_channel() {
+    let mut p = Pair::new(Settings::default());
+    let (a, up) = p.connected_client();
+    let n = p.open_channel(a, up, 1);
+    close_channel(&mut p, a, 1);
+    p.upstream_out(up);
+    p.client_out(a);
+    // A late Basic.Return and GetOk (with content) arrive before QosOk.
+    let mut late = method_frame(n, method::BASIC_RETURN, &[1, 56, 0, 0, 1, b'q']);
+    late.extend(method_frame(
+        n,
+        method::BASIC_GET_OK,
+        &[0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 1, b'q', 0, 0, 0, 0],
+    ));
+    let mut header = vec![0, 60, 0, 0];
+    header.extend_from_slice(&4u64.to_be_bytes());
+    header.extend_from_slice(&[0, 0]);
+    put_frame(&mut late, FRAME_HEADER, n, &header);
+    put_frame(&mut late, FRAME_BODY, n, b"late");
+    p.send_upstream(up, &late);
+    assert!(p.client_out(a).is_empty(), "late frames reach nobody");
+    p.send_upstream(up, &qos_ok(n));
+    // The next client gets the clean channel and sees none of it.
+    let b = p.client("guest", "guest", &[], 131072);
+    p.client_out(b);
+    let mut open = Vec::new();
+    m::put_channel_open(&mut open, 1);
+    p.send_client(b, &open);
+    assert_eq!(p.client_out(b).len(), 1);
+    close_channel(&mut p, b, 1);
+    p.upstream_out(up);
+    // This time the broker closes the channel during the fence (404 from
+    // an asynchronous publish error): it is discarded, not reused.
+    let mut close = Vec::new();
+    m::put_close(
+        &mut close,
+        n,
+        404,
+        b"NOT_FOUND - no exchange 'nope'",
+        (60, 40),
+    );
+    p.send_upstream(up, &close);
+    let sent = p.upstream_out(up);
+    assert_eq!(
+        (mid(&sent[0]), sent[0].1),
+        (Some(method::CHANNEL_CLOSE_OK), n)
+    );
+    assert!(p
+        .client_out(b)
+        .iter()
+        .all(|f| mid(f) != Some(method::CHANNEL_CLOSE)));
+    assert_eq!(p.shard.reuse_counts().discarded, 1);
+    let mut open = Vec::new();
+    m::put_channel_open(&mut open, 2);
+    p.send_client(b, &open);
+    let sent = p.upstream_out(up);
+    assert_eq!(
+        mid(&sent[0]),
+        Some(method::CHANNEL_OPEN),
+        "a fresh channel, not the poisoned one"
+    );
+}
+
+#[test]
+fn a_disconnecting_client_returns_safe_channels_and_idle_ones_expire() {
+    let settings = Settings {
+        idle_channel_timeout: Duration::from_secs(2),
+        ..Settings::default()
+    };
+    let mut p = Pair::new(settings);
+    let (a, up) = p.connected_client();
+    let n1 = p.open_channel(a, up, 1);
+    let n2 = p.open_channel(a, up, 2);
+    p.send_client(a, &method_frame(2, method::CONFIRM_SELECT, &[0]));
+    p.upstream_out(up);
+    p.shard.client_gone(a, p.now);
+    let sent = p.upstream_out(up);
+    assert!(sent
+        .iter()
+        .any(|f| mid(f) == Some(method::BASIC_QOS) && f.1 == n1));
+    assert!(sent
+        .iter()
+        .any(|f| mid(f) == Some(method::CHANNEL_CLOSE) && f.1 == n2));
+    p.send_upstream(up, &qos_ok(n1));
+    p.advance(Duration::from_millis(1900));
+    assert!(p
+        .upstream_out(up)
+        .iter()
+        .all(|f| mid(f) != Some(method::CHANNEL_CLOSE)));
+    p.advance(Duration::from_millis(200));
+    let sent = p.upstream_out(up);
+    assert!(
+        sent.iter()
+            .any(|f| mid(f) == Some(method::CHANNEL_CLOSE) && f.1 == n1),
+        "expired: {sent:?}"
+    );
+}
+
+#[test]
+fn idle_channels_do_not_keep_an_upstream_connection_open() {
+    let settings = Settings {
+        idle_connection_timeout: Duration::from_secs(1),
+        ..Settings::default()
+    };
+    let mut p = Pair::new(settings);
+    let (a, up) = p.connected_client();
+    let n = p.open_channel(a, up, 1);
+    p.shard.client_gone(a, p.now);
+    p.upstream_out(up);
+    p.send_upstream(up, &qos_ok(n));
+    p.advance(Duration::from_millis(1100));
+    let sent = p.upstream_out(up);
+    assert!(
+        sent.iter()
+            .any(|f| mid(f) == Some(method::CONNECTION_CLOSE)),
+        "{sent:?}"
+    );
+}
+
+#[test]
+fn max_idle_channels_bounds_the_idle_list() {
+    let settings = Settings {
+        max_idle_channels: 1,
+        ..Settings::default()
+    };
+    let mut p = Pair::new(settings);
+    let (a, up) = p.connected_client();
+    let n1 = p.open_channel(a, up, 1);
+    let n2 = p.open_channel(a, up, 2);
+    p.shard.client_gone(a, p.now);
+    p.upstream_out(up);
+    p.send_upstream(up, &qos_ok(n1));
+    p.send_upstream(up, &qos_ok(n2));
+    let sent = p.upstream_out(up);
+    assert_eq!(sent.len(), 1);
+    assert_eq!(
+        (mid(&sent[0]), sent[0].1),
+        (Some(method::CHANNEL_CLOSE), n2)
+    );
+}
+
+#[test]
+fn with_reuse_off_channels_are_closed_upstream() {
+    let mut p = Pair::new(NO_REUSE());
+    let (a, up) = p.connected_client();
+    let n = p.open_channel(a, up, 1);
+    close_channel(&mut p, a, 1);
+    let sent = p.upstream_out(up);
+    assert_eq!((mid(&sent[0]), sent[0].1), (Some(method::CHANNEL_CLOSE), n));
+    assert_eq!(p.shard.reuse_counts(), ReuseCounts::default());
 }

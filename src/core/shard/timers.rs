@@ -21,6 +21,7 @@ impl Shard {
         for id in clients {
             self.tick_client(id, now);
         }
+        self.expire_idle_channels(now);
         let upstreams: Vec<UpstreamId> = self.upstreams.keys().map(UpstreamId).collect();
         for id in upstreams {
             self.tick_upstream(id, now);
@@ -100,20 +101,30 @@ impl Shard {
                 self.upstream_send(id, put_heartbeat);
             }
         }
-        let Some(u) = self.upstreams.get(id.0) else {
+        let Some(u) = self.upstreams.get_mut(id.0) else {
             return;
         };
+        // Idle channels kept for reuse do not keep a connection busy.
+        let busy = u.busy();
+        if u.state == UpstreamState::Open {
+            if busy > 0 {
+                u.idle_since = None;
+            } else if u.idle_since.is_none() {
+                u.idle_since = Some(now);
+            }
+        }
         let idle_expired = u.state == UpstreamState::Open
-            && u.used == 0
+            && busy == 0
             && u.idle_since
                 .is_some_and(|t| now.duration_since(t) >= self.settings.idle_connection_timeout);
+        let pool = u.pool;
         if idle_expired
-            && self.idle_open_upstreams(u.pool) > self.settings.min_idle_connections as usize
+            && self.idle_open_upstreams(pool) > self.settings.min_idle_connections as usize
         {
             log::info!("upstream {name}: closing idle connection");
-            let pool = u.pool;
             if let Some(p) = self.pools.get_mut(pool) {
                 p.upstreams.retain(|x| *x != id);
+                p.idle.retain(|i| i.upstream != id);
             }
             self.upstream_send(id, |out| put_close(out, 0, reply::SUCCESS, b"idle", (0, 0)));
             if let Some(u) = self.upstreams.get_mut(id.0) {
@@ -141,7 +152,7 @@ impl Shard {
                 .filter(|u| {
                     self.upstreams
                         .get(u.0)
-                        .is_some_and(|u| u.state == UpstreamState::Open && u.used == 0)
+                        .is_some_and(|u| u.state == UpstreamState::Open && u.busy() == 0)
                 })
                 .count()
         })

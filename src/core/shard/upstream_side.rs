@@ -243,7 +243,7 @@ impl Shard {
 
     /// A client that just got a channel on a blocked upstream connection
     /// learns it is blocked, as it would from the broker directly.
-    fn tell_if_blocked(&mut self, id: UpstreamId, client: ClientId) {
+    pub(super) fn tell_if_blocked(&mut self, id: UpstreamId, client: ClientId) {
         let Some(payload) = self.upstreams.get(id.0).and_then(|u| u.blocked.clone()) else {
             return;
         };
@@ -338,11 +338,22 @@ impl Shard {
                     // Our own Close crossed the broker's: both sides answer
                     // CloseOk; the number is free when the broker's arrives.
                     (SlotState::Closing, _) => self.upstream_send(id, |out| put_close_ok(out, n)),
+                    // A poisoned reusable channel: consumed here, discarded.
+                    (SlotState::Fencing | SlotState::Idle, _) => {
+                        log::debug!("reusable channel {n} closed by the broker: discarded");
+                        self.discard_reusable(id, n);
+                        self.upstream_send(id, |out| put_close_ok(out, n));
+                        self.free_slot(id, n);
+                    }
                     _ => {
                         self.upstream_send(id, |out| put_close_ok(out, n));
                         self.free_slot(id, n);
                     }
                 }
+                return;
+            }
+            Some(method::BASIC_QOS_OK) if slot.state == SlotState::Fencing => {
+                self.fence_passed(id, n);
                 return;
             }
             Some(method::CHANNEL_CLOSE_OK) => {
