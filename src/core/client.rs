@@ -78,6 +78,18 @@ pub struct ChannelLink {
     /// Since Channel.Open the client only did what leaves no state on the
     /// channel (see `reuse::leaves_no_state`), so it may be reused.
     pub safe: bool,
+    /// Handed out from the idle list: the broker still remembers the
+    /// previous client's last declared queue on it.
+    pub reused: bool,
+    /// This client declared a queue on the channel (so an empty queue name
+    /// means its own queue).
+    pub declared: bool,
+    /// A Tx.Commit is outstanding: RabbitMQ answers anything but
+    /// Channel.Close with a connection error until CommitOk.
+    pub committing: bool,
+    /// Basic.Consumes awaiting ConsumeOk: whether each one's tag is tracked
+    /// (direct reply-to consumers are not, as on the broker).
+    pub consumes: std::collections::VecDeque<bool>,
 }
 
 #[derive(Debug)]

@@ -4,6 +4,7 @@
 
 use crate::protocol::codec::DecodeError;
 use crate::protocol::constants::{method, reply};
+use crate::protocol::table::{FieldTable, FieldValue};
 use crate::protocol::FrameError;
 
 /// An error that closes the client's connection (never the shared upstream).
@@ -124,7 +125,9 @@ pub fn check_client_method(id: method::Id, payload: &[u8]) -> Result<(), Connect
         method::CHANNEL_FLOW if !decode_flow_active(payload).map_err(syntax)? => {
             Err(ConnectionError::not_implemented("active=false", id))
         }
-        method::BASIC_RECOVER if payload.get(4).is_some_and(|bits| bits & 1 == 0) => {
+        method::BASIC_RECOVER | method::BASIC_RECOVER_ASYNC
+            if payload.get(4).is_some_and(|bits| bits & 1 == 0) =>
+        {
             Err(ConnectionError::not_implemented("requeue=false", id))
         }
         method::EXCHANGE_DECLARE => {
@@ -133,14 +136,31 @@ pub fn check_client_method(id: method::Id, payload: &[u8]) -> Result<(), Connect
             let _exchange = r.shortstr().map_err(syntax)?;
             let kind = r.shortstr().map_err(syntax)?;
             let passive = r.u8().map_err(syntax)? & 1 != 0;
-            if passive || EXCHANGE_TYPES.contains(&kind) {
-                Ok(())
-            } else {
-                Err(ConnectionError::command_invalid(
+            if passive {
+                return Ok(());
+            }
+            let unknown = |kind: &[u8]| {
+                ConnectionError::command_invalid(
                     format!("unknown exchange type '{}'", String::from_utf8_lossy(kind)),
                     id,
-                ))
+                )
+            };
+            if !EXCHANGE_TYPES.contains(&kind) {
+                return Err(unknown(kind));
             }
+            // The delayed-message plugin checks its x-delayed-type argument
+            // the same way, with the same connection error.
+            if kind == b"x-delayed-message" {
+                let table = FieldTable::read(&mut r).map_err(syntax)?;
+                if let Some(FieldValue::LongStr(inner)) = table.get("x-delayed-type") {
+                    if !EXCHANGE_TYPES.contains(&inner.as_slice())
+                        || inner.as_slice() == b"x-delayed-message"
+                    {
+                        return Err(unknown(inner));
+                    }
+                }
+            }
+            Ok(())
         }
         method::CONNECTION_UPDATE_SECRET => Err(ConnectionError::not_implemented(
             "connection.update-secret is not supported by the proxy",
@@ -148,6 +168,83 @@ pub fn check_client_method(id: method::Id, payload: &[u8]) -> Result<(), Connect
         )),
         _ => Ok(()),
     }
+}
+
+/// A channel-level refusal: the proxy closes only that client channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelRefusal {
+    pub code: u16,
+    pub text: String,
+}
+
+/// Well-formed methods whose arguments crash RabbitMQ's channel process
+/// (which it reports as a *connection* error, 541) instead of the 406 it
+/// gives for the same mistake elsewhere. The proxy answers them with that
+/// 406 on the client's channel.
+pub fn check_channel_method(id: method::Id, payload: &[u8]) -> Option<ChannelRefusal> {
+    let refuse = |text: String| {
+        Some(ChannelRefusal {
+            code: reply::PRECONDITION_FAILED,
+            text,
+        })
+    };
+    match id {
+        method::QUEUE_DECLARE => {
+            let mut r = crate::protocol::methods::arguments(payload);
+            r.u16().ok()?;
+            let name = r.shortstr().ok()?;
+            let passive = r.u8().ok()? & 1 != 0;
+            if passive {
+                return None;
+            }
+            let args = FieldTable::read(&mut r).ok()?;
+            // A server-named queue with an unknown x-queue-type.
+            let server_named = name.iter().all(|b| *b == b'\r' || *b == b'\n');
+            if server_named {
+                match args.get("x-queue-type") {
+                    None => {}
+                    Some(FieldValue::LongStr(t)) if [&b"classic"[..], b"quorum", b"stream"].contains(&t.as_slice()) => {}
+                    Some(other) => {
+                        return refuse(format!(
+                            "PRECONDITION_FAILED - invalid arg 'x-queue-type' for a server-named queue: {other:?}"
+                        ))
+                    }
+                }
+            }
+            match args.get("x-max-age") {
+                Some(FieldValue::LongStr(v)) if !starts_with_digit(v) => refuse(format!(
+                    "PRECONDITION_FAILED - invalid arg 'x-max-age': {:?}",
+                    String::from_utf8_lossy(v)
+                )),
+                _ => None,
+            }
+        }
+        method::BASIC_CONSUME => {
+            let mut r = crate::protocol::methods::arguments(payload);
+            r.u16().ok()?;
+            r.shortstr().ok()?;
+            r.shortstr().ok()?;
+            r.u8().ok()?;
+            let args = FieldTable::read(&mut r).ok()?;
+            match args.get("x-stream-offset") {
+                Some(FieldValue::LongStr(v))
+                    if !starts_with_digit(v)
+                        && ![&b"first"[..], b"last", b"next"].contains(&v.as_slice()) =>
+                {
+                    refuse(format!(
+                        "PRECONDITION_FAILED - invalid arg 'x-stream-offset': {:?}",
+                        String::from_utf8_lossy(v)
+                    ))
+                }
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+fn starts_with_digit(v: &[u8]) -> bool {
+    v.first().is_some_and(|b| b.is_ascii_digit())
 }
 
 #[cfg(test)]
@@ -199,8 +296,90 @@ mod tests {
         );
     }
 
+    fn table(entries: &[(&str, FieldValue)]) -> Vec<u8> {
+        let mut t = FieldTable::default();
+        for (k, v) in entries {
+            t.insert(k, v.clone());
+        }
+        let mut out = Vec::new();
+        t.write(&mut out);
+        out
+    }
+
+    #[test]
+    fn arguments_that_crash_rabbitmq_channels_are_refused_with_406() {
+        let declare = |name: &[u8], args: &[u8]| {
+            let mut p = vec![0, 50, 0, 10, 0, 0, name.len() as u8];
+            p.extend_from_slice(name);
+            p.push(0);
+            p.extend_from_slice(args);
+            p
+        };
+        let bad_type = table(&[("x-queue-type", crate::protocol::table::string("foo"))]);
+        assert_eq!(
+            check_channel_method(method::QUEUE_DECLARE, &declare(b"", &bad_type))
+                .unwrap()
+                .code,
+            406
+        );
+        assert!(
+            check_channel_method(method::QUEUE_DECLARE, &declare(b"named", &bad_type)).is_none()
+        );
+        let quorum = table(&[("x-queue-type", crate::protocol::table::string("quorum"))]);
+        assert!(check_channel_method(method::QUEUE_DECLARE, &declare(b"", &quorum)).is_none());
+        let age = table(&[("x-max-age", crate::protocol::table::string("abc"))]);
+        assert_eq!(
+            check_channel_method(method::QUEUE_DECLARE, &declare(b"q", &age))
+                .unwrap()
+                .code,
+            406
+        );
+        let age = table(&[("x-max-age", crate::protocol::table::string("7D"))]);
+        assert!(check_channel_method(method::QUEUE_DECLARE, &declare(b"q", &age)).is_none());
+        let consume = |args: &[u8]| {
+            let mut p = vec![0, 60, 0, 20, 0, 0, 1, b'q', 0, 0];
+            p.extend_from_slice(args);
+            p
+        };
+        let offset = table(&[("x-stream-offset", crate::protocol::table::string("D"))]);
+        assert_eq!(
+            check_channel_method(method::BASIC_CONSUME, &consume(&offset))
+                .unwrap()
+                .code,
+            406
+        );
+        let offset = table(&[("x-stream-offset", crate::protocol::table::string("first"))]);
+        assert!(check_channel_method(method::BASIC_CONSUME, &consume(&offset)).is_none());
+    }
+
+    #[test]
+    fn delayed_message_exchange_checks_its_inner_type() {
+        let declare = |inner: &str| {
+            let mut p = exchange_declare(b"x-delayed-message", false);
+            p.truncate(p.len() - 4);
+            p.extend_from_slice(&table(&[(
+                "x-delayed-type",
+                crate::protocol::table::string(inner),
+            )]));
+            p
+        };
+        assert!(hard_error_for(method::EXCHANGE_DECLARE, &declare("direct")).is_none());
+        assert_eq!(
+            hard_error_for(method::EXCHANGE_DECLARE, &declare("bogus"))
+                .unwrap()
+                .code,
+            503
+        );
+    }
+
     #[test]
     fn recover_without_requeue_is_540() {
+        assert_eq!(
+            hard_error_for(method::BASIC_RECOVER_ASYNC, &[0, 60, 0, 100, 0])
+                .unwrap()
+                .code,
+            540
+        );
         assert_eq!(
             hard_error_for(method::BASIC_RECOVER, &[0, 60, 0, 110, 0])
                 .unwrap()

@@ -87,6 +87,9 @@ pub mod method {
     pub const BASIC_GET_OK: Id = (60, 71);
     pub const BASIC_ACK: Id = (60, 80);
     pub const BASIC_RECOVER: Id = (60, 110);
+    pub const BASIC_RECOVER_ASYNC: Id = (60, 100);
+    pub const TX_COMMIT: Id = (90, 20);
+    pub const TX_COMMIT_OK: Id = (90, 21);
     pub const EXCHANGE_DECLARE_OK: Id = (40, 11);
     pub const QUEUE_BIND: Id = (50, 20);
     pub const QUEUE_PURGE: Id = (50, 30);

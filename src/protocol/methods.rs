@@ -160,6 +160,7 @@ pub fn decode_get_no_ack(payload: &[u8]) -> DecodeResult<bool> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ContentHeader {
     pub class_id: u16,
+    pub weight: u16,
     pub body_size: u64,
 }
 
@@ -167,11 +168,12 @@ impl ContentHeader {
     pub fn decode(payload: &[u8]) -> DecodeResult<Self> {
         let mut r = Reader::new(payload);
         let class_id = r.u16()?;
-        let _weight = r.u16()?;
+        let weight = r.u16()?;
         let body_size = r.u64()?;
         let _flags = r.u16()?;
         Ok(ContentHeader {
             class_id,
+            weight,
             body_size,
         })
     }

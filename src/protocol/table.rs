@@ -115,7 +115,7 @@ fn skip_value(r: &mut Reader<'_>, depth: usize) -> DecodeResult<()> {
         b't' | b'b' | b'B' => 1,
         b's' | b'u' => 2,
         b'I' | b'i' | b'f' => 4,
-        b'l' | b'd' | b'T' => 8,
+        b'l' | b'L' | b'd' | b'T' => 8,
         b'D' => 5,
         b'V' => 0,
         b'S' | b'x' => {
@@ -162,7 +162,8 @@ fn read_value(r: &mut Reader<'_>, depth: usize) -> DecodeResult<FieldValue> {
         b'u' => FieldValue::U16(r.u16()?),
         b'I' => FieldValue::I32(r.u32()? as i32),
         b'i' => FieldValue::U32(r.u32()?),
-        b'l' => FieldValue::I64(r.u64()? as i64),
+        // RabbitMQ also reads 'L' as a signed 64-bit integer.
+        b'l' | b'L' => FieldValue::I64(r.u64()? as i64),
         b'f' => FieldValue::F32(f32::from_bits(r.u32()?)),
         b'd' => FieldValue::F64(f64::from_bits(r.u64()?)),
         b'D' => FieldValue::Decimal(r.u8()?, r.u32()?),

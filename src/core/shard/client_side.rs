@@ -7,7 +7,7 @@ use crate::core::client::{
     self, capabilities_of, connection_name, negotiate, ChannelLink, ChannelState, ClientState,
     Publishing,
 };
-use crate::core::errors::{check_client_method, ConnectionError};
+use crate::core::errors::{check_channel_method, check_client_method, ConnectionError};
 use crate::core::pool::Credentials;
 use crate::core::upstream::{Slot, SlotState, UpstreamState};
 use crate::core::{ClientId, UpstreamId, MAX_MESSAGE_SIZE, UPSTREAM_HIGH_WATER};
@@ -98,8 +98,11 @@ impl Shard {
         if frame.frame_type == FRAME_HEARTBEAT {
             if frame.channel != 0 {
                 return Err(ConnectionError::new(
-                    reply::FRAME_ERROR,
-                    format!("FRAME_ERROR - heartbeat frame on channel {}", frame.channel),
+                    reply::UNEXPECTED_FRAME,
+                    format!(
+                        "UNEXPECTED_FRAME - heartbeat frame on channel {}",
+                        frame.channel
+                    ),
                     (0, 0),
                 ));
             }
@@ -365,7 +368,7 @@ impl Shard {
                 format!("unexpected connection method {id_:?} on an open connection"),
                 id_,
             )),
-            _ => Err(ConnectionError::command_invalid(
+            _ => Err(ConnectionError::channel(
                 format!("method {id_:?} on channel 0, which is reserved for connection methods"),
                 id_,
             )),
@@ -455,6 +458,10 @@ impl Shard {
                     declares: Default::default(),
                     consumer_tags: Vec::new(),
                     safe: true,
+                    reused: state == ChannelState::Open,
+                    declared: false,
+                    committing: false,
+                    consumes: Default::default(),
                 },
             );
         }
@@ -510,6 +517,23 @@ impl Shard {
             ));
         }
         let upstream_frame_max = u.tune.frame_max;
+        if frame.frame_type != FRAME_BODY && frame.payload.len() + 8 > upstream_frame_max as usize {
+            // Bodies are re-split; methods and headers cannot be.
+            return Err(ConnectionError::new(
+                reply::FRAME_ERROR,
+                format!(
+                    "FRAME_ERROR - frame of {} bytes exceeds the broker's frame_max {upstream_frame_max}",
+                    frame.payload.len() + 8
+                ),
+                method_id.unwrap_or((0, 0)),
+            ));
+        }
+        if link.committing && method_id != Some(method::CHANNEL_CLOSE) {
+            return Err(ConnectionError::channel(
+                "unexpected command while processing 'tx.commit'".into(),
+                method_id.unwrap_or((0, 0)),
+            ));
+        }
         match frame.frame_type {
             FRAME_METHOD => {
                 let mid = method_id.unwrap_or((0, 0));
@@ -520,6 +544,13 @@ impl Shard {
                     ));
                 }
                 check_client_method(mid, frame.payload)?;
+                if let Some(refusal) = check_channel_method(mid, frame.payload) {
+                    self.channel_error(id, ch, refusal.code, &refusal.text, mid);
+                    return Ok(());
+                }
+                if self.previous_clients_queue(id, ch, mid, frame.payload) {
+                    return Ok(());
+                }
                 if self.exclusive_refused(id, ch, mid, frame.payload) {
                     return Ok(());
                 }
@@ -533,6 +564,11 @@ impl Shard {
                 };
                 if !leaves_no_state(mid, frame.payload) {
                     link.safe = false;
+                }
+                match mid {
+                    method::TX_COMMIT => link.committing = true,
+                    method::QUEUE_DECLARE => link.declared = true,
+                    _ => {}
                 }
                 match mid {
                     (class::CONNECTION, _) => {
@@ -583,6 +619,12 @@ impl Shard {
                 }
                 let header = ContentHeader::decode(frame.payload)
                     .map_err(|e| ConnectionError::syntax(e, method::BASIC_PUBLISH))?;
+                if header.weight != 0 {
+                    return Err(ConnectionError::unexpected_frame(
+                        "content header with a non-zero weight",
+                        method::BASIC_PUBLISH,
+                    ));
+                }
                 if header.class_id == class::BASIC {
                     crate::protocol::spec::validate_content_header(frame.payload)
                         .map_err(|e| ConnectionError::syntax(e, method::BASIC_PUBLISH))?;

@@ -4,6 +4,7 @@
 //! shared upstream connection; the proxy tracks the tags of each client
 //! channel and answers that error itself.
 
+use super::exclusive::queue_of;
 use super::Shard;
 use crate::core::errors::ConnectionError;
 use crate::core::ClientId;
@@ -16,6 +17,20 @@ fn consume_tag(payload: &[u8]) -> Option<&[u8]> {
     r.u16().ok()?;
     r.shortstr().ok()?;
     r.shortstr().ok()
+}
+
+const DIRECT_REPLY_TO: &[u8] = b"amq.rabbitmq.reply-to";
+
+/// Basic.Consume's nowait bit (after queue, tag; bits: no-local, no-ack,
+/// exclusive, nowait).
+fn nowait(payload: &[u8]) -> bool {
+    let mut r = methods::arguments(payload);
+    let bits = r
+        .u16()
+        .and_then(|_| r.shortstr())
+        .and_then(|_| r.shortstr())
+        .and_then(|_| r.u8());
+    bits.is_ok_and(|b| b & 8 != 0)
 }
 
 /// The consumer tag that opens Basic.Cancel, CancelOk and ConsumeOk.
@@ -42,7 +57,13 @@ impl Shard {
         };
         match mid {
             method::BASIC_CONSUME => {
-                let Some(tag) = consume_tag(payload).filter(|t| !t.is_empty()) else {
+                // RabbitMQ does not register direct reply-to consumers in
+                // the channel's consumer map, so their tags are not "in use".
+                let tracked = queue_of(payload) != Some(DIRECT_REPLY_TO);
+                if !nowait(payload) {
+                    link.consumes.push_back(tracked);
+                }
+                let Some(tag) = consume_tag(payload).filter(|t| tracked && !t.is_empty()) else {
                     return Ok(()); // the broker names it; ConsumeOk tells us
                 };
                 if link.consumer_tags.iter().any(|t| t == tag) {
@@ -75,6 +96,9 @@ impl Shard {
         else {
             return;
         };
+        if link.consumes.pop_front() == Some(false) {
+            return;
+        }
         if let Some(tag) = leading_tag(payload) {
             if !link.consumer_tags.iter().any(|t| t == tag) {
                 link.consumer_tags.push(tag.to_vec());

@@ -33,7 +33,7 @@ fn touches_queue(id: method::Id) -> bool {
 }
 
 /// The queue name of such a method (already validated against the spec).
-fn queue_of(payload: &[u8]) -> Option<&[u8]> {
+pub(super) fn queue_of(payload: &[u8]) -> Option<&[u8]> {
     let mut r = methods::arguments(payload);
     r.u16().ok()?;
     r.shortstr().ok()

@@ -192,4 +192,47 @@ impl Shard {
         });
         self.set_slot(uid, n, SlotState::Closing, None);
     }
+
+    /// On a reused channel, an empty queue name before this client declared
+    /// a queue would reach the previous client's last declared queue (the
+    /// broker remembers it per channel). Answer as the broker does on a
+    /// fresh channel: 404 "no previously declared queue". Returns true when
+    /// refused.
+    pub(super) fn previous_clients_queue(
+        &mut self,
+        id: ClientId,
+        ch: u16,
+        mid: method::Id,
+        payload: &[u8],
+    ) -> bool {
+        let uses_queue_name = matches!(
+            mid,
+            method::QUEUE_BIND
+                | method::QUEUE_UNBIND
+                | method::QUEUE_PURGE
+                | method::QUEUE_DELETE
+                | method::BASIC_CONSUME
+                | method::BASIC_GET
+        );
+        if !uses_queue_name {
+            return false;
+        }
+        let Some(link) = self.clients.get(id.0).and_then(|c| c.channels.get(&ch)) else {
+            return false;
+        };
+        if !link.reused || link.declared {
+            return false;
+        }
+        let empty = super::exclusive::queue_of(payload).is_some_and(|q| q.is_empty());
+        if empty {
+            self.channel_error(
+                id,
+                ch,
+                reply::NOT_FOUND,
+                "NOT_FOUND - no previously declared queue",
+                mid,
+            );
+        }
+        empty
+    }
 }

@@ -668,7 +668,7 @@ fn close_ok_after_a_connection_error_closes_at_once() {
     let mut p = Pair::new(Settings::default());
     let (c, _up) = p.connected_client();
     p.send_client(c, &method_frame(0, (60, 40), &[0, 0, 0, 0, 0]));
-    assert_eq!(close_of(&p.client_out(c)[0]).0, 503);
+    assert_eq!(close_of(&p.client_out(c)[0]).0, 504);
     p.actions();
     let mut ok = Vec::new();
     m::put_close_ok(&mut ok, 0);
@@ -1353,4 +1353,90 @@ fn with_reuse_off_channels_are_closed_upstream() {
     let sent = p.upstream_out(up);
     assert_eq!((mid(&sent[0]), sent[0].1), (Some(method::CHANNEL_CLOSE), n));
     assert_eq!(p.shard.reuse_counts(), ReuseCounts::default());
+}
+
+#[test]
+fn commands_during_an_outstanding_tx_commit_are_504_from_the_proxy() {
+    let mut p = Pair::new(Settings::default());
+    let (c, up) = p.connected_client();
+    let n = p.open_channel(c, up, 1);
+    p.send_client(c, &method_frame(1, method::TX_SELECT, &[]));
+    p.send_upstream(up, &method_frame(n, (90, 11), &[]));
+    p.send_client(c, &method_frame(1, method::TX_COMMIT, &[]));
+    p.send_upstream(up, &method_frame(n, method::TX_COMMIT_OK, &[]));
+    p.client_out(c);
+    p.upstream_out(up);
+    // After CommitOk all is well; during the next commit, a publish is not.
+    p.send_client(c, &method_frame(1, method::TX_COMMIT, &[]));
+    p.send_client(c, &publish(1, b"q", b"too early"));
+    let got = p.client_out(c);
+    assert_eq!(close_of(&got[0]).0, 504);
+    let sent = p.upstream_out(up);
+    assert!(
+        sent.iter().all(|f| mid(f) != Some(method::BASIC_PUBLISH)),
+        "{sent:?}"
+    );
+}
+
+#[test]
+fn an_empty_queue_name_on_a_reused_channel_never_reaches_the_previous_clients_queue() {
+    let mut p = Pair::new(Settings::default());
+    let (a, up) = p.connected_client();
+    let n = p.open_channel(a, up, 1);
+    p.send_client(
+        a,
+        &queue_method(1, method::QUEUE_DECLARE, b"", &[0, 0, 0, 0, 0]),
+    );
+    p.send_upstream(up, &declare_ok(n, b"amq.gen-a"));
+    close_channel(&mut p, a, 1);
+    p.send_upstream(up, &qos_ok(n));
+    p.upstream_out(up);
+    let b = p.client("guest", "guest", &[], 131072);
+    p.client_out(b);
+    let mut open = Vec::new();
+    m::put_channel_open(&mut open, 1);
+    p.send_client(b, &open);
+    p.client_out(b);
+    p.send_client(b, &queue_method(1, method::BASIC_GET, b"", &[1]));
+    let got = p.client_out(b);
+    let (code, text) = close_of(&got[0]);
+    assert_eq!((code, got[0].1), (404, 1), "{text}");
+    assert!(p
+        .upstream_out(up)
+        .iter()
+        .all(|f| mid(f) != Some(method::BASIC_GET)));
+}
+
+#[test]
+fn direct_reply_to_consumer_tags_are_not_tracked() {
+    let mut p = Pair::new(Settings::default());
+    let (c, up) = p.connected_client();
+    let n = p.open_channel(c, up, 1);
+    p.send_client(c, &consume(1, b"amq.rabbitmq.reply-to", b"t"));
+    p.send_upstream(up, &tagged(n, method::BASIC_CONSUME_OK, b"t"));
+    p.send_client(c, &consume(1, b"q", b"t"));
+    assert!(p
+        .client_out(c)
+        .iter()
+        .all(|f| mid(f) != Some(method::CONNECTION_CLOSE)));
+    assert_eq!(p.upstream_out(up).len(), 2);
+}
+
+#[test]
+fn content_header_with_weight_is_505() {
+    let mut p = Pair::new(Settings::default());
+    let (c, up) = p.connected_client();
+    p.open_channel(c, up, 1);
+    let mut bytes = publish(1, b"q", b"x");
+    // The method frame is 7 + 10 + 1 bytes; the header payload starts 7
+    // bytes after it: class (2), then weight (2).
+    let header_payload = 18 + 7;
+    assert_eq!(&bytes[header_payload..header_payload + 4], &[0, 60, 0, 0]);
+    bytes[header_payload + 3] = 1; // weight = 1
+    p.send_client(c, &bytes);
+    assert_eq!(close_of(&p.client_out(c)[0]).0, 505);
+    assert!(p
+        .upstream_out(up)
+        .iter()
+        .all(|f| mid(f) != Some(method::BASIC_PUBLISH)));
 }
