@@ -26,9 +26,10 @@ command line, which wins over environment variables, which win over the
 built-in defaults. So a key in the file given with -c overrides the same
 setting's flag, and a flag overrides its environment variable.
 
-Durations are whole seconds. The config file may also be named with the
-AMQPROXY_CONFIG environment variable. See amqproxy(1) for every setting,
-signal, HTTP endpoint and exit status.";
+Durations are whole seconds. Lists are comma-separated in flags and
+environment variables, TOML arrays in the file. The config file may also
+be named with the AMQPROXY_CONFIG environment variable. See amqproxy(1)
+for every setting, signal, HTTP endpoint and exit status.";
 
 /// The command line. Field names are config-file keys, so each flag's clap
 /// id is its key (checked by a test).
@@ -93,6 +94,8 @@ pub struct Cli {
     pub idle_channel_timeout: Option<String>,
     #[arg(long, value_name = "BYTES")]
     pub client_buffer_limit: Option<String>,
+    #[arg(long, value_name = "LIST")]
+    pub exchange_types: Option<String>,
     #[arg(long, value_name = "THREADS")]
     pub workers: Option<String>,
     /// Print the version and exit
@@ -102,7 +105,7 @@ pub struct Cli {
 
 impl Cli {
     /// Every option that carries a setting's value, by config-file key.
-    fn values(&self) -> [(&'static str, Option<&str>); 22] {
+    fn values(&self) -> [(&'static str, Option<&str>); 23] {
         [
             ("upstream", self.upstream.as_deref()),
             ("listen_address", self.listen_address.as_deref()),
@@ -140,6 +143,7 @@ impl Cli {
             ("max_idle_channels", self.max_idle_channels.as_deref()),
             ("idle_channel_timeout", self.idle_channel_timeout.as_deref()),
             ("client_buffer_limit", self.client_buffer_limit.as_deref()),
+            ("exchange_types", self.exchange_types.as_deref()),
             ("workers", self.workers.as_deref()),
         ]
     }
@@ -397,6 +401,36 @@ mod tests {
             Some(toml::Value::String("amqp://b".to_string()))
         );
         assert_eq!(cli.settings.len(), 7);
+    }
+
+    #[test]
+    fn exchange_types_flag_becomes_an_array() {
+        let get = |list: &[&str]| match parse_list(list) {
+            Ok(Parsed::Run(cli)) => cli.settings.get("exchange_types").cloned(),
+            other => panic!("{list:?} is valid, got {other:?}"),
+        };
+        let array = |list: &[&str]| {
+            Some(toml::Value::Array(
+                list.iter()
+                    .map(|name| toml::Value::String(name.to_string()))
+                    .collect(),
+            ))
+        };
+        assert_eq!(
+            get(&["--exchange-types", "x-delayed-message,x-consistent-hash"]),
+            array(&["x-delayed-message", "x-consistent-hash"])
+        );
+        assert_eq!(get(&["--exchange-types=x-random"]), array(&["x-random"]));
+        assert_eq!(get(&["--exchange-types", ""]), array(&[]));
+        assert_eq!(get(&[]), None);
+        match parse_list(&["--exchange-types", "a b"]) {
+            Err(ConfigError::InvalidValue { key, source, .. }) => {
+                assert_eq!(key, "exchange_types");
+                assert_eq!(source, config::Source::Flag("exchange-types"));
+            }
+            other => panic!("a bad type must be refused, got {other:?}"),
+        }
+        assert!(help().contains("--exchange-types <LIST>"));
     }
 
     #[test]

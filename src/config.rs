@@ -58,6 +58,11 @@ pub const DEFAULT_CHANNEL_REUSE: bool = true;
 pub const DEFAULT_MAX_IDLE_CHANNELS: u32 = 64;
 pub const DEFAULT_IDLE_CHANNEL_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_CLIENT_BUFFER_LIMIT: usize = 16 * 1024 * 1024;
+/// Exchange types clients may declare besides the built-in direct, fanout,
+/// topic and headers (which are always allowed and not listed here).
+pub const DEFAULT_EXCHANGE_TYPES: &[&str] = &[];
+/// Longest name in a [`Kind::Names`] list: an AMQP short string.
+pub const MAX_NAME_LEN: usize = 255;
 /// 0 means one worker thread per CPU.
 pub const DEFAULT_WORKERS: usize = 0;
 /// The event loop's mio tokens have room for this many workers
@@ -104,6 +109,9 @@ pub struct Config {
     pub max_idle_channels: u32,
     pub idle_channel_timeout: Duration,
     pub client_buffer_limit: usize,
+    /// Exchange types of broker plugins that clients may declare, without
+    /// the built-ins; trimmed, without duplicates, in the order given.
+    pub exchange_types: Vec<String>,
     /// Already resolved: never 0.
     pub workers: usize,
     /// Where the file settings came from; kept so SIGHUP can re-read it.
@@ -136,6 +144,10 @@ impl Config {
             max_idle_channels: DEFAULT_MAX_IDLE_CHANNELS,
             idle_channel_timeout: DEFAULT_IDLE_CHANNEL_TIMEOUT,
             client_buffer_limit: DEFAULT_CLIENT_BUFFER_LIMIT,
+            exchange_types: DEFAULT_EXCHANGE_TYPES
+                .iter()
+                .map(|name| name.to_string())
+                .collect(),
             workers: resolve_workers(DEFAULT_WORKERS),
             config_file: None,
         }
@@ -179,6 +191,7 @@ pub struct FileConfig {
     pub max_idle_channels: Option<u32>,
     pub idle_channel_timeout: Option<u64>,
     pub client_buffer_limit: Option<usize>,
+    pub exchange_types: Option<Vec<String>>,
     pub workers: Option<usize>,
 }
 
@@ -196,6 +209,10 @@ pub enum Kind {
         max: u64,
         unit: Unit,
     },
+    /// A list of names (a TOML array of strings; comma-separated as text),
+    /// each 1 to [`MAX_NAME_LEN`] printable ASCII characters other than
+    /// space and comma. Duplicates are dropped when resolved.
+    Names,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -225,6 +242,9 @@ impl Kind {
             Kind::Url => "an amqp:// or amqps:// URL".to_string(),
             Kind::LogLevel => "one of off, error, warn, info, debug, trace".to_string(),
             Kind::Bool => "true or false".to_string(),
+            Kind::Names => format!(
+                "a list of names, each 1 to {MAX_NAME_LEN} printable ASCII characters without spaces or commas"
+            ),
             Kind::Int { unit, .. } => match unit {
                 Unit::Count => "a whole number".to_string(),
                 Unit::Port => self.range(),
@@ -312,6 +332,7 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc { key: "max_idle_channels", long: Some("max-idle-channels"), env: Some("MAX_IDLE_CHANNELS"), kind: count(0, u32::MAX as u64), default: Some("64"), help: "Reusable idle channels kept per pool" },
     KeyDoc { key: "idle_channel_timeout", long: Some("idle-channel-timeout"), env: Some("IDLE_CHANNEL_TIMEOUT"), kind: seconds(0, MAX_DURATION_SECS), default: Some("30"), help: "Seconds a reusable idle channel stays open" },
     KeyDoc { key: "client_buffer_limit", long: Some("client-buffer-limit"), env: Some("CLIENT_BUFFER_LIMIT"), kind: Kind::Int { min: MIN_FRAME_MAX as u64, max: MAX_CLIENT_BUFFER_LIMIT, unit: Unit::Bytes }, default: Some("16777216"), help: "Bytes buffered for one slow client before it is disconnected" },
+    KeyDoc { key: "exchange_types", long: Some("exchange-types"), env: Some("EXCHANGE_TYPES"), kind: Kind::Names, default: Some("[]"), help: "Exchange types of broker plugins clients may declare, comma-separated (built-ins always allowed)" },
     KeyDoc { key: "workers", long: Some("workers"), env: Some("WORKERS"), kind: count(0, MAX_WORKERS), default: Some("0"), help: "Worker threads (0: one per CPU)" },
 ];
 
@@ -571,7 +592,48 @@ pub(crate) fn text_to_value(
             _ => Err(invalid("true, false, yes, no, on, off, 1 or 0".to_string())),
         },
         Kind::Host | Kind::Url | Kind::LogLevel => Ok(toml::Value::String(text.to_string())),
+        // "" is the empty list; "a,,b" has an empty name, refused below.
+        Kind::Names if text.is_empty() => Ok(toml::Value::Array(Vec::new())),
+        Kind::Names => {
+            let names: Vec<&str> = text.split(',').map(str::trim).collect();
+            if let Some(problem) = names.iter().find_map(|name| name_problem(name)) {
+                return Err(invalid(format!("{} (not {problem})", doc.kind.expected())));
+            }
+            Ok(toml::Value::Array(
+                names
+                    .into_iter()
+                    .map(|name| toml::Value::String(name.to_string()))
+                    .collect(),
+            ))
+        }
     }
+}
+
+/// What is wrong with one name of a [`Kind::Names`] list, trimmed, if
+/// anything: said as what the name is not allowed to be.
+fn name_problem(name: &str) -> Option<String> {
+    if name.is_empty() {
+        Some("an empty name".to_string())
+    } else if name.len() > MAX_NAME_LEN {
+        Some(format!("a name of {} bytes", name.len()))
+    } else if !name.bytes().all(|b| b.is_ascii_graphic() && b != b',') {
+        Some(format!("{name:?}"))
+    } else {
+        None
+    }
+}
+
+/// The names of a checked [`Kind::Names`] list, trimmed, first occurrence
+/// of each kept in order.
+fn unique_names(names: Vec<String>) -> Vec<String> {
+    let mut unique: Vec<String> = Vec::with_capacity(names.len());
+    for name in names {
+        let name = name.trim();
+        if !unique.iter().any(|seen| seen == name) {
+            unique.push(name.to_string());
+        }
+    }
+    unique
 }
 
 fn read_table(path: &Path) -> Result<toml::Table, ConfigError> {
@@ -640,6 +702,17 @@ fn check_value(doc: &KeyDoc, value: &toml::Value, source: Source) -> Result<(), 
         (Kind::LogLevel, toml::Value::String(s)) => parse_log_level(s)
             .map(drop)
             .ok_or_else(|| invalid(doc.kind.expected())),
+        (Kind::Names, toml::Value::Array(items)) => {
+            for item in items {
+                let toml::Value::String(name) = item else {
+                    return Err(invalid(doc.kind.expected()));
+                };
+                if let Some(problem) = name_problem(name.trim()) {
+                    return Err(invalid(format!("{} (not {problem})", doc.kind.expected())));
+                }
+            }
+            Ok(())
+        }
         _ => Err(invalid(doc.kind.expected())),
     }
 }
@@ -773,6 +846,12 @@ fn resolve(layers: &[Layer], config_file: Option<PathBuf>) -> Result<Config, Con
         client_buffer_limit: file
             .client_buffer_limit
             .unwrap_or(DEFAULT_CLIENT_BUFFER_LIMIT),
+        exchange_types: unique_names(file.exchange_types.unwrap_or_else(|| {
+            DEFAULT_EXCHANGE_TYPES
+                .iter()
+                .map(|name| name.to_string())
+                .collect()
+        })),
         workers: resolve_workers(file.workers.unwrap_or(DEFAULT_WORKERS)),
         config_file,
     };
@@ -1349,6 +1428,188 @@ mod tests {
         );
     }
 
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|name| name.to_string()).collect()
+    }
+
+    #[test]
+    fn exchange_types_default_to_none() {
+        assert!(DEFAULT_EXCHANGE_TYPES.is_empty());
+        assert!(run(&["amqp://broker"], &[]).exchange_types.is_empty());
+    }
+
+    #[test]
+    fn exchange_types_text_becomes_an_array() {
+        let doc = key_doc("exchange_types").expect("a key");
+        assert_eq!(doc.kind, Kind::Names);
+        let array = |list: &[&str]| {
+            toml::Value::Array(
+                list.iter()
+                    .map(|name| toml::Value::String(name.to_string()))
+                    .collect(),
+            )
+        };
+        for (text, expected) in [
+            ("a,b", array(&["a", "b"])),
+            (
+                " x-delayed-message , x-random ",
+                array(&["x-delayed-message", "x-random"]),
+            ),
+            ("x-random", array(&["x-random"])),
+            ("", array(&[])),
+            ("  ", array(&[])),
+        ] {
+            assert_eq!(
+                text_to_value(doc, text, Source::Env("EXCHANGE_TYPES")).ok(),
+                Some(expected),
+                "{text:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn exchange_types_from_each_source() {
+        assert_eq!(
+            run(
+                &[
+                    "--exchange-types",
+                    "x-delayed-message,x-consistent-hash",
+                    "amqp://broker"
+                ],
+                &[]
+            )
+            .exchange_types,
+            names(&["x-delayed-message", "x-consistent-hash"])
+        );
+        assert_eq!(
+            run(&["amqp://broker"], &[("EXCHANGE_TYPES", "x-random")]).exchange_types,
+            names(&["x-random"])
+        );
+        let file = TempFile::new("exchange_types = [\"x-modulus-hash\", \"x-jms-topic\"]\n");
+        assert_eq!(
+            run(&["-c", file.path(), "amqp://broker"], &[]).exchange_types,
+            names(&["x-modulus-hash", "x-jms-topic"])
+        );
+        let file = TempFile::new("exchange_types = []\n");
+        assert!(run(&["-c", file.path(), "amqp://broker"], &[])
+            .exchange_types
+            .is_empty());
+    }
+
+    #[test]
+    fn exchange_types_precedence_is_file_then_command_line_then_environment() {
+        let env = [("EXCHANGE_TYPES", "from-env")];
+        let file = TempFile::new("exchange_types = [\"from-file\"]\n");
+        assert_eq!(
+            run(
+                &[
+                    "-c",
+                    file.path(),
+                    "--exchange-types",
+                    "from-cli",
+                    "amqp://broker"
+                ],
+                &env
+            )
+            .exchange_types,
+            names(&["from-file"])
+        );
+        assert_eq!(
+            run(&["--exchange-types", "from-cli", "amqp://broker"], &env).exchange_types,
+            names(&["from-cli"])
+        );
+        assert_eq!(
+            run(&["amqp://broker"], &env).exchange_types,
+            names(&["from-env"])
+        );
+        // An empty list given on the command line still wins over the environment.
+        assert!(run(&["--exchange-types", "", "amqp://broker"], &env)
+            .exchange_types
+            .is_empty());
+        // A set-but-empty variable counts as unset, which is the empty list too.
+        assert!(run(&["amqp://broker"], &[("EXCHANGE_TYPES", "")])
+            .exchange_types
+            .is_empty());
+    }
+
+    #[test]
+    fn exchange_types_duplicates_are_removed_in_order() {
+        assert_eq!(
+            run(&["--exchange-types", "b,a, b,a,c", "amqp://broker"], &[]).exchange_types,
+            names(&["b", "a", "c"])
+        );
+        let file = TempFile::new("exchange_types = [\"x-random\", \" x-random \", \"X-random\"]\n");
+        assert_eq!(
+            run(&["-c", file.path(), "amqp://broker"], &[]).exchange_types,
+            names(&["x-random", "X-random"])
+        );
+    }
+
+    #[test]
+    fn exchange_types_bad_element_names_key_and_source() {
+        let expected =
+            "a list of names, each 1 to 255 printable ASCII characters without spaces or commas";
+        assert_eq!(
+            fail(&["--exchange-types", "x-random,x random", "amqp://broker"], &[]),
+            format!("invalid value \"x-random,x random\" for exchange_types (command line option --exchange-types): expected {expected} (not \"x random\")")
+        );
+        assert_eq!(
+            fail(&["amqp://broker"], &[("EXCHANGE_TYPES", "a,,b")]),
+            format!("invalid value \"a,,b\" for exchange_types (environment variable EXCHANGE_TYPES): expected {expected} (not an empty name)")
+        );
+        assert_eq!(
+            fail(&["amqp://broker"], &[("EXCHANGE_TYPES", "a,")]),
+            format!("invalid value \"a,\" for exchange_types (environment variable EXCHANGE_TYPES): expected {expected} (not an empty name)")
+        );
+        let long = "x".repeat(256);
+        assert!(fail(&["--exchange-types", &long, "amqp://broker"], &[])
+            .ends_with("(not a name of 256 bytes)"));
+        assert_eq!(
+            run(
+                &["--exchange-types", &"x".repeat(255), "amqp://broker"],
+                &[]
+            )
+            .exchange_types,
+            names(&[&"x".repeat(255)])
+        );
+        assert!(
+            fail(&["--exchange-types", "caf\u{e9}", "amqp://broker"], &[])
+                .ends_with("(not \"caf\u{e9}\")")
+        );
+        assert!(
+            fail(&["--exchange-types", "tab\there", "amqp://broker"], &[])
+                .ends_with("(not \"tab\\there\")")
+        );
+
+        let file = TempFile::new("exchange_types = [\"x-random\", \"a,b\"]\n");
+        assert_eq!(
+            fail(&["-c", file.path(), "amqp://broker"], &[]),
+            format!("invalid value [\"x-random\", \"a,b\"] for exchange_types (config file {}): expected {expected} (not \"a,b\")", file.path())
+        );
+        let file = TempFile::new("exchange_types = [\"\"]\n");
+        assert!(fail(&["-c", file.path(), "amqp://broker"], &[]).ends_with("(not an empty name)"));
+        for text in [
+            "exchange_types = \"x-random\"\n",
+            "exchange_types = [\"x-random\", 1]\n",
+            "exchange_types = [[\"x-random\"]]\n",
+        ] {
+            let file = TempFile::new(text);
+            let message = fail(&["-c", file.path(), "amqp://broker"], &[]);
+            assert!(
+                message.contains(&format!("for exchange_types (config file {})", file.path()))
+                    && message.ends_with(&format!("expected {expected}")),
+                "{message}"
+            );
+        }
+        // Refused even where the file overrides the bad value.
+        let file = TempFile::new("exchange_types = []\n");
+        assert!(fail(
+            &["-c", file.path(), "amqp://broker"],
+            &[("EXCHANGE_TYPES", "bad type")]
+        )
+        .contains("(environment variable EXCHANGE_TYPES)"));
+    }
+
     #[test]
     fn workers_zero_means_one_per_cpu() {
         assert_eq!(
@@ -1508,6 +1769,7 @@ mod tests {
                 Kind::Url => toml::Value::String("amqp://broker".to_string()),
                 Kind::LogLevel => toml::Value::String("info".to_string()),
                 Kind::Host => toml::Value::String("localhost".to_string()),
+                Kind::Names => toml::Value::Array(Vec::new()),
             };
             let mut table = toml::Table::new();
             table.insert(doc.key.to_string(), value);

@@ -70,23 +70,17 @@ impl ConnectionError {
     }
 }
 
-/// Exchange types a declare may name: RabbitMQ's built-ins and the types of
-/// the plugins it ships or that are widely used. Any other type makes
-/// RabbitMQ close the whole connection (503), so the proxy refuses it
-/// itself. Passive declares do not check the type, as on the broker.
-pub const EXCHANGE_TYPES: &[&[u8]] = &[
-    b"direct",
-    b"fanout",
-    b"topic",
-    b"headers",
-    b"x-delayed-message",
-    b"x-consistent-hash",
-    b"x-modulus-hash",
-    b"x-random",
-    b"x-recent-history",
-    b"x-jms-topic",
-    b"x-local-random",
-];
+/// Exchange types every RabbitMQ has. Plugin types (x-delayed-message,
+/// x-consistent-hash, ...) exist only where the plugin is enabled, so they
+/// are allowed only when configured (`exchange_types`): any type the broker
+/// lacks makes RabbitMQ close the whole connection (503), so the proxy
+/// refuses it itself. Passive declares do not check the type, as on the
+/// broker.
+pub const BUILTIN_EXCHANGE_TYPES: &[&[u8]] = &[b"direct", b"fanout", b"topic", b"headers"];
+
+fn exchange_type_known(kind: &[u8], plugin_types: &[String]) -> bool {
+    BUILTIN_EXCHANGE_TYPES.contains(&kind) || plugin_types.iter().any(|t| t.as_bytes() == kind)
+}
 
 /// Checks a method from a client before anything is forwarded: it must be
 /// a method clients may send (503 otherwise), its arguments must parse
@@ -95,7 +89,11 @@ pub const EXCHANGE_TYPES: &[&[u8]] = &[
 /// close the shared upstream connection for every client on it, so the
 /// proxy answers them itself, to that client alone. This is the one list
 /// of such errors.
-pub fn check_client_method(id: method::Id, payload: &[u8]) -> Result<(), ConnectionError> {
+pub fn check_client_method(
+    id: method::Id,
+    payload: &[u8],
+    plugin_exchange_types: &[String],
+) -> Result<(), ConnectionError> {
     use crate::protocol::methods::{decode_flow_active, Publish, Qos};
     use crate::protocol::spec;
     let Some((name, args)) = spec::client_method(id) else {
@@ -141,11 +139,15 @@ pub fn check_client_method(id: method::Id, payload: &[u8]) -> Result<(), Connect
             }
             let unknown = |kind: &[u8]| {
                 ConnectionError::command_invalid(
-                    format!("unknown exchange type '{}'", String::from_utf8_lossy(kind)),
+                    format!(
+                    "unknown exchange type '{}' (the proxy allows direct, fanout, topic, headers and \
+                     the plugin types in its exchange_types setting)",
+                    String::from_utf8_lossy(kind)
+                ),
                     id,
                 )
             };
-            if !EXCHANGE_TYPES.contains(&kind) {
+            if !exchange_type_known(kind, plugin_exchange_types) {
                 return Err(unknown(kind));
             }
             // The delayed-message plugin checks its x-delayed-type argument
@@ -153,7 +155,7 @@ pub fn check_client_method(id: method::Id, payload: &[u8]) -> Result<(), Connect
             if kind == b"x-delayed-message" {
                 let table = FieldTable::read(&mut r).map_err(syntax)?;
                 if let Some(FieldValue::LongStr(inner)) = table.get("x-delayed-type") {
-                    if !EXCHANGE_TYPES.contains(&inner.as_slice())
+                    if !exchange_type_known(inner, plugin_exchange_types)
                         || inner.as_slice() == b"x-delayed-message"
                     {
                         return Err(unknown(inner));
@@ -253,7 +255,7 @@ mod tests {
     use crate::protocol::methods::{put_basic_qos, Qos};
 
     fn hard_error_for(id: method::Id, payload: &[u8]) -> Option<ConnectionError> {
-        check_client_method(id, payload).err()
+        check_client_method(id, payload, &["x-delayed-message".to_string()]).err()
     }
 
     fn exchange_declare(kind: &[u8], passive: bool) -> Vec<u8> {

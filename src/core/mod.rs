@@ -73,6 +73,8 @@ pub struct Settings {
     pub channel_reuse: bool,
     pub max_idle_channels: u32,
     pub idle_channel_timeout: Duration,
+    /// Exchange types of broker plugins clients may declare.
+    pub exchange_types: Vec<String>,
     /// `host:port` the proxy listens on, for upstream connection names.
     pub listen_name: String,
     /// `host:port` of the broker, for log lines and error texts.
@@ -94,6 +96,7 @@ impl Default for Settings {
             channel_reuse: true,
             max_idle_channels: 64,
             idle_channel_timeout: Duration::from_secs(30),
+            exchange_types: Vec::new(),
             listen_name: "localhost:5673".into(),
             upstream_name: "localhost:5672".into(),
         }

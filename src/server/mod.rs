@@ -40,6 +40,7 @@ pub fn settings_from(config: &Config) -> Settings {
         channel_reuse: config.channel_reuse,
         max_idle_channels: config.max_idle_channels,
         idle_channel_timeout: config.idle_channel_timeout,
+        exchange_types: config.exchange_types.clone(),
         listen_name: format!("{}:{}", config.listen_address, config.listen_port),
         upstream_name: config.upstream.addr_string(),
     }

@@ -313,7 +313,7 @@ impl Shard {
                     method::CHANNEL_OPEN,
                 ));
             }
-            check_client_method(method::CHANNEL_OPEN, frame.payload)?;
+            check_client_method(method::CHANNEL_OPEN, frame.payload, &[])?;
             return self.client_channel_open(id, ch);
         }
         let Some(link_state) = link_state else {
@@ -356,7 +356,7 @@ impl Shard {
         }
         let id_ =
             methods::method_id(frame.payload).map_err(|e| ConnectionError::syntax(e, (0, 0)))?;
-        check_client_method(id_, frame.payload)?;
+        check_client_method(id_, frame.payload, &self.settings.exchange_types)?;
         match id_ {
             method::CONNECTION_CLOSE => {
                 self.client_connection_close(id);
@@ -543,7 +543,7 @@ impl Shard {
                         mid,
                     ));
                 }
-                check_client_method(mid, frame.payload)?;
+                check_client_method(mid, frame.payload, &self.settings.exchange_types)?;
                 if let Some(refusal) = check_channel_method(mid, frame.payload) {
                     self.channel_error(id, ch, refusal.code, &refusal.text, mid);
                     return Ok(());
