@@ -189,3 +189,88 @@ class Broker:
                 self.http("DELETE", "/api/vhosts/" + self.q(vhost), ok=(200, 204, 404))
         except RuntimeError:
             pass
+
+
+# ---------------------------------------------------------------- appended helpers
+# (queues, upstream channel counts, the memory watermark; used by the
+# isolation / capability tests)
+
+def _broker_queues(self):
+    """{queue name: messages} for the default vhost."""
+    if self.backend == "ctl":
+        data = json.loads(self.ctl("list_queues", "-q", "--formatter", "json", "name", "messages") or "[]")
+        return {q["name"]: q["messages"] for q in data}
+    return {q["name"]: q.get("messages", 0) for q in self.http("GET", "/api/queues/%2F") or []}
+
+
+def _broker_connection_by_name(self, name):
+    """The broker's current record of the connection called `name` (the
+    broker's own name, e.g. '127.0.0.1:40000 -> 127.0.0.1:5672'), or None."""
+    for c in self.connections():
+        if c["name"] == name:
+            return c
+    return None
+
+
+def _broker_memory_watermark(self):
+    """The memory high watermark now in force, as rabbitmqctl
+    set_vm_memory_high_watermark arguments: ['0.4'] or ['absolute', '1073741824']."""
+    if self.backend != "ctl":
+        raise RuntimeError("the memory watermark needs rabbitmqctl (BROKER_ADMIN=ctl)")
+    setting = json.loads(self.ctl("status", "--formatter", "json"))["vm_memory_high_watermark_setting"]
+    if "relative" in setting:
+        return [repr(float(setting["relative"]))]
+    return ["absolute", str(int(setting["absolute"]))]
+
+
+def _broker_set_memory_watermark(self, *args):
+    self.ctl("set_vm_memory_high_watermark", *[str(a) for a in args])
+
+
+Broker.queues = _broker_queues
+Broker.connection_by_name = _broker_connection_by_name
+Broker.memory_watermark = _broker_memory_watermark
+Broker.set_memory_watermark = _broker_set_memory_watermark
+
+
+# ---------------------------------------------------------------- appended helpers
+# (channel reuse tests: the broker's live channels, its channel-created counter)
+
+_CHANNEL_ITEMS = ("pid", "name", "number", "prefetch_count", "global_prefetch_count", "confirm",
+                  "transactional", "consumer_count", "messages_unacknowledged", "messages_uncommitted")
+
+
+def _broker_channels(self, connection_name=None):
+    """The broker's channels as dicts with keys _CHANNEL_ITEMS; name is
+    '<connection name> (<channel number>)'. pid identifies one channel for
+    its lifetime (ctl only; None over HTTP, whose list also lags ~5 s).
+    connection_name (the broker's name of a connection): only its channels."""
+    if self.backend == "ctl":
+        data = json.loads(self.ctl("list_channels", "-q", "--formatter", "json", *_CHANNEL_ITEMS) or "[]")
+    else:
+        data = [dict({k: c.get(k) for k in _CHANNEL_ITEMS}, pid=None)
+                for c in self.http("GET", "/api/channels") or []]
+    if connection_name is not None:
+        data = [c for c in data if c["name"].rsplit(" (", 1)[0] == connection_name]
+    return data
+
+
+def _broker_channels_created(self):
+    """(count, live): how many channels the broker has created since it
+    started (all connections; the counter behind the management API's
+    churn_rates.channel_created). live=True: read from the broker through
+    rabbitmqctl eval, exact at this moment. live=False: read over HTTP, where
+    the statistics collector publishes it every collect_statistics_interval
+    (5 s by default): wait that long after the events to be counted."""
+    if self.backend == "ctl":
+        try:
+            out = self.ctl("eval", "[{_, _, _, C, _, _, _, _}] = "
+                                   "ets:lookup(connection_churn_metrics, node()), C.")
+            return int(out.strip()), True
+        except (RuntimeError, ValueError):
+            pass  # another RabbitMQ version's internals: use the API
+    return self.http("GET", "/api/overview")["churn_rates"]["channel_created"], False
+
+
+Broker.channels = _broker_channels
+Broker.channels_created = _broker_channels_created

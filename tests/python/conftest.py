@@ -291,3 +291,160 @@ def pytest_runtest_makereport(item, call):
             continue
         rep.sections.append(("amqproxy :%d log (tail)" % p.port,
                              "cmd: %s\n%s" % (" ".join(p.cmd), p.log_tail())))
+
+
+# ---------------------------------------------------------------- canary
+# (appended) A well-behaved client that shares the upstream connection with
+# the misbehaving clients of a test and must not notice anything.
+
+import threading  # noqa: E402
+
+
+class Canary(threading.Thread):
+    """A pika client on its own connection (owned by this thread: pika's
+    BlockingConnection is not thread-safe) doing a publish + basic_get round
+    trip on its own queue every `interval` seconds, recording when each round
+    trip completed and any error.
+
+    Start it through the `canary` fixture, after the proxy and before the
+    hostile part; call finish() at the end of the test."""
+
+    def __init__(self, proxy, broker, interval=0.05):
+        super().__init__(daemon=True, name="canary")
+        self.proxy, self.broker, self.interval = proxy, broker, interval
+        self.marker = unique("canary")
+        self.queue = unique("canary-q")
+        self.trips = []        # time.monotonic() of every completed round trip
+        self.errors = []       # (time.monotonic(), repr(exception or problem))
+        self.ready = threading.Event()
+        self.stopping = threading.Event()
+        self.upstream = None   # the broker's record of the shared connection
+        self.finished = False
+
+    # ------------------------------------------------------------ thread
+    def run(self):
+        conn = None
+        try:
+            conn = self.proxy.connect(client_properties={"connection_name": self.marker})
+            ch = conn.channel()
+            ch.queue_declare(self.queue, arguments={"x-expires": 120000})
+            i = 0
+            while not self.stopping.is_set():
+                body = b"canary %d" % i
+                ch.basic_publish("", self.queue, body)
+                m, _p, got = ch.basic_get(self.queue, auto_ack=True)
+                if got != body:
+                    self.errors.append((time.monotonic(), "round trip %d: published %r, got %r" % (i, body, got)))
+                    return
+                self.trips.append(time.monotonic())
+                self.ready.set()
+                i += 1
+                conn.sleep(self.interval)  # also runs pika's I/O (heartbeats)
+            ch.queue_delete(self.queue)
+        except Exception as e:
+            self.errors.append((time.monotonic(), repr(e)))
+        finally:
+            self.ready.set()
+            if conn is not None and conn.is_open:
+                try:
+                    conn.close()
+                except Exception as e:
+                    if not self.stopping.is_set():
+                        self.errors.append((time.monotonic(), "close: %r" % (e,)))
+
+    # ------------------------------------------------------------ checks
+    def _find_upstream(self):
+        if self.proxy.direct:
+            # nothing shared: the canary's own connection stands in for it
+            conns = wait_for(lambda: [c for c in self.broker.connections()
+                                      if c["connection_name"] == self.marker],
+                             timeout=15, desc="the canary's connection on the broker")
+        else:
+            conns = self.broker.wait_named(self.proxy.upstream_prefix(), lambda l: len(l) == 1,
+                                           desc="exactly 1 upstream connection of the proxy")
+        assert len(conns) == 1, conns
+        return conns[0]
+
+    def upstream_now(self):
+        """The broker's current record of the shared upstream connection
+        (fresh channel count), asserting it is still the same connection."""
+        self.assert_same_upstream()
+        return self.broker.connection_by_name(self.upstream["name"])
+
+    def assert_same_upstream(self):
+        if self.proxy.direct:
+            now = [c for c in self.broker.connections() if c["connection_name"] == self.marker]
+        else:
+            now = self.broker.named(self.proxy.upstream_prefix())
+        key = lambda c: (c["name"], c["peer_port"])  # noqa: E731
+        assert [key(c) for c in now] == [key(self.upstream)], \
+            "the shared upstream connection changed: before %r, now %r" % (self.upstream, now)
+
+    def assert_ok(self):
+        assert not self.errors, "the canary saw errors: %r" % (self.errors,)
+        assert self.is_alive(), "the canary stopped"
+
+    def assert_progress(self, since, until=None, min_trips=3, max_gap=2.0):
+        """At least min_trips round trips in [since, until] and no gap longer
+        than max_gap seconds between them (edges of the window included)."""
+        until = until if until is not None else time.monotonic()
+        self.assert_ok()
+        inside = [t for t in list(self.trips) if since <= t <= until]
+        assert len(inside) >= min_trips, \
+            "the canary made %d round trips in %.1fs (wanted >= %d)" % (len(inside), until - since, min_trips)
+        points = [since] + inside + [until]
+        gap = max(b - a for a, b in zip(points, points[1:]))
+        assert gap <= max_gap, "the canary stalled for %.2fs (allowed %.2fs)" % (gap, max_gap)
+
+    def wait_trips(self, n, timeout=10):
+        """Wait until n more round trips complete (e.g. after a stall)."""
+        start = len(self.trips)
+        wait_for(lambda: self.errors or len(self.trips) >= start + n, timeout=timeout,
+                 interval=0.02, desc="%d more canary round trips" % n)
+        self.assert_ok()
+
+    def stop(self):
+        self.stopping.set()
+        self.join(timeout=15)
+
+    def finish(self, since, min_trips=3, max_gap=2.0, tolerate_stall=False):
+        """End-of-test checks: progress since `since` (unless tolerate_stall:
+        then only a few round trips after now), the same upstream connection,
+        then stop, and no error at any time."""
+        if tolerate_stall:
+            self.wait_trips(3)
+        else:
+            # a short hostile part: let the window run until min_trips fit in it
+            wait_for(lambda: self.errors or not self.is_alive()
+                     or len([t for t in list(self.trips) if t >= since]) >= min_trips,
+                     timeout=max_gap * min_trips + 5, interval=0.02,
+                     desc="%d canary round trips" % min_trips)
+            self.assert_progress(since, min_trips=min_trips, max_gap=max_gap)
+        self.assert_same_upstream()
+        self.finished = True
+        self.stop()
+        assert not self.is_alive(), "the canary did not stop"
+        assert not self.errors, "the canary saw errors: %r" % (self.errors,)
+
+
+@pytest.fixture
+def canary(broker):
+    """Factory: canary(proxy, interval=0.05) -> a running Canary whose first
+    round trip is done and whose upstream connection is recorded. Start the
+    proxy with --workers 1 so every client with the same credentials shares
+    the canary's upstream connection."""
+    made = []
+
+    def start(proxy, interval=0.05):
+        c = Canary(proxy, broker, interval)
+        made.append(c)
+        c.start()
+        if not c.ready.wait(20):
+            pytest.fail("the canary did not complete a round trip within 20 s")
+        c.assert_ok()
+        c.upstream = c._find_upstream()
+        return c
+
+    yield start
+    for c in made:
+        c.stop()

@@ -484,3 +484,116 @@ def encode_properties(content_type=None, headers=None, delivery_mode=None,
         flags |= 1 << 3
         out += shortstr(app_id)
     return flags, out
+
+
+# ---------------------------------------------------------------- more methods
+# (appended for the isolation / heartbeat / capability tests)
+
+CONNECTION_BLOCKED = (10, 60)
+CONNECTION_UNBLOCKED = (10, 61)
+CHANNEL_FLOW = (20, 20)
+CHANNEL_FLOW_OK = (20, 21)
+QUEUE_BIND = (50, 20)
+QUEUE_PURGE = (50, 30)
+QUEUE_DELETE = (50, 40)
+BASIC_QOS = (60, 10)
+BASIC_QOS_OK = (60, 11)
+BASIC_CONSUME = (60, 20)
+BASIC_CONSUME_OK = (60, 21)
+BASIC_CANCEL = (60, 30)
+BASIC_CANCEL_OK = (60, 31)
+BASIC_DELIVER = (60, 60)
+
+
+def basic_publish_frame(ch, exchange, routing_key, mandatory=False, immediate=False):
+    """Only the Basic.Publish method frame (content header and body follow)."""
+    bits = (1 if mandatory else 0) | (2 if immediate else 0)
+    return method_frame(ch, BASIC_PUBLISH, struct.pack(">H", 0) + shortstr(exchange)
+                        + shortstr(routing_key) + bytes([bits]))
+
+
+def basic_ack_frame(ch, delivery_tag, multiple=False):
+    return method_frame(ch, BASIC_ACK, struct.pack(">QB", delivery_tag, 1 if multiple else 0))
+
+
+def basic_consume_frame(ch, queue, consumer_tag="", no_ack=True):
+    # reserved, queue, consumer-tag, bits (no-local, no-ack, exclusive, no-wait), arguments
+    return method_frame(ch, BASIC_CONSUME, struct.pack(">H", 0) + shortstr(queue) + shortstr(consumer_tag)
+                        + bytes([2 if no_ack else 0]) + table({}))
+
+
+def channel_close_frame(ch, code=200, text="bye"):
+    return method_frame(ch, CHANNEL_CLOSE, struct.pack(">H", code) + shortstr(text) + struct.pack(">HH", 0, 0))
+
+
+def close_args(f):
+    """(reply_code, reply_text, class_id, method_id) of a Connection/Channel.Close frame."""
+    r = f.args()
+    code = r.unpack(">H")
+    text = r.shortstr()
+    cid, mid = r.unpack(">HH")
+    return code, text, cid, mid
+
+
+def is_method(f, class_method, channel=None):
+    return (f.type == FRAME_METHOD and len(f.payload) >= 4 and f.method == class_method
+            and (channel is None or f.channel == channel))
+
+
+class CloseResult:
+    """What a client saw when it expected to be closed: the Connection.Close
+    (code None if none arrived), every frame read, and whether EOF followed."""
+
+    def __init__(self):
+        self.code = None
+        self.text = None
+        self.class_method = None
+        self.frames = []
+        self.eof = False
+
+    def __repr__(self):
+        return "<CloseResult code=%r text=%r eof=%r frames=%r>" % (self.code, self.text, self.eof, self.frames)
+
+
+def read_until_close(client, timeout=5.0, send_close_ok=True):
+    """Read frames until Connection.Close arrives, answer CloseOk, then read
+    until EOF; everything within `timeout` seconds. Never raises for the
+    peer closing; a timeout leaves eof False (and code None if no Close)."""
+    res = CloseResult()
+    deadline = time.monotonic() + timeout
+    try:
+        while res.code is None:
+            f = client.read_frame(timeout=max(0.0, deadline - time.monotonic()))
+            res.frames.append(f)
+            if is_method(f, CONNECTION_CLOSE, 0):
+                res.code, res.text, cid, mid = close_args(f)
+                res.class_method = (cid, mid)
+                if send_close_ok:
+                    try:
+                        client.send(method_frame(0, CONNECTION_CLOSE_OK))
+                    except OSError:
+                        pass
+        while True:
+            res.frames.append(client.read_frame(timeout=max(0.0, deadline - time.monotonic())))
+    except SocketClosed:
+        res.eof = True
+    except (socket.timeout, OSError, ValueError):
+        pass
+    return res
+
+
+def drain(client, duration):
+    """Read every frame arriving within `duration` seconds.
+    Returns (frames, eof): eof True if the peer closed the socket."""
+    deadline = time.monotonic() + duration
+    frames = []
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return frames, False
+        try:
+            frames.append(client.read_frame(timeout=remaining))
+        except SocketClosed:
+            return frames, True
+        except socket.timeout:
+            return frames, False

@@ -317,6 +317,12 @@ impl Shard {
             return self.client_channel_open(id, ch);
         }
         let Some(link_state) = link_state else {
+            // A Close for a channel that is already closed (e.g. a client
+            // that pipelined two) is answered as RabbitMQ does, with CloseOk.
+            if method_id == Some(method::CHANNEL_CLOSE) {
+                self.client_send(id, |out| put_close_ok(out, ch));
+                return Ok(());
+            }
             return Err(ConnectionError::channel(
                 format!("expected 'channel.open' on channel {ch}"),
                 method_id.unwrap_or((0, 0)),
@@ -336,7 +342,13 @@ impl Shard {
                 Ok(())
             }
             // The client already sent Close; it must wait for CloseOk.
-            ChannelState::ClosingByClient => Ok(()),
+            ChannelState::ClosingByClient => {
+                if method_id == Some(method::CHANNEL_CLOSE) {
+                    // A second Close: RabbitMQ answers each one.
+                    self.client_send(id, |out| put_close_ok(out, ch));
+                }
+                Ok(())
+            }
             ChannelState::Opening | ChannelState::Open => {
                 self.client_channel_frame(id, frame, method_id)
             }

@@ -1366,7 +1366,11 @@ fn commands_during_an_outstanding_tx_commit_are_504_from_the_proxy() {
     p.send_upstream(up, &method_frame(n, method::TX_COMMIT_OK, &[]));
     p.client_out(c);
     p.upstream_out(up);
-    // After CommitOk all is well; during the next commit, a publish is not.
+    // After CommitOk all is well...
+    p.send_client(c, &publish(1, b"q", b"in the next transaction"));
+    assert!(p.client_out(c).is_empty());
+    assert_eq!(p.upstream_out(up).len(), 3);
+    // ...but during the next commit, a publish is not.
     p.send_client(c, &method_frame(1, method::TX_COMMIT, &[]));
     p.send_client(c, &publish(1, b"q", b"too early"));
     let got = p.client_out(c);
@@ -1439,4 +1443,30 @@ fn content_header_with_weight_is_505() {
         .upstream_out(up)
         .iter()
         .all(|f| mid(f) != Some(method::BASIC_PUBLISH)));
+}
+
+#[test]
+fn a_pipelined_second_channel_close_gets_its_own_close_ok() {
+    for settings in [Settings::default(), NO_REUSE()] {
+        let reuse = settings.channel_reuse;
+        let mut p = Pair::new(settings);
+        let (c, up) = p.connected_client();
+        let n = p.open_channel(c, up, 2);
+        let mut twice = Vec::new();
+        m::put_close(&mut twice, 2, 200, b"", (0, 0));
+        m::put_close(&mut twice, 2, 200, b"", (0, 0));
+        p.send_client(c, &twice);
+        if !reuse {
+            let mut ok = Vec::new();
+            m::put_close_ok(&mut ok, n);
+            p.send_upstream(up, &ok);
+        }
+        let got = p.client_out(c);
+        let oks = got
+            .iter()
+            .filter(|f| mid(f) == Some(method::CHANNEL_CLOSE_OK) && f.1 == 2)
+            .count();
+        assert_eq!(oks, 2, "reuse={reuse}: {got:?}");
+        assert!(got.iter().all(|f| mid(f) != Some(method::CONNECTION_CLOSE)));
+    }
 }

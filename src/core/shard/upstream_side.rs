@@ -401,6 +401,15 @@ impl Shard {
                 self.exclusive_declare_ok(id, client, ch, frame.payload)
             }
             Some(method::BASIC_CONSUME_OK) => self.consumer_started(client, ch, frame.payload),
+            Some(method::TX_COMMIT_OK) => {
+                if let Some(link) = self
+                    .clients
+                    .get_mut(client.0)
+                    .and_then(|c| c.channels.get_mut(&ch))
+                {
+                    link.committing = false;
+                }
+            }
             Some(method::BASIC_CANCEL_OK) => self.consumer_ended(client, ch, frame.payload),
             _ => {}
         }
