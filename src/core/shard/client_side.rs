@@ -704,11 +704,7 @@ impl Shard {
     /// The whole message is here: send method, header and body upstream
     /// together, so the shared connection never carries a partial message.
     fn publish_complete(&mut self, id: ClientId, ch: u16) {
-        let Some(link) = self
-            .clients
-            .get_mut(id.0)
-            .and_then(|c| c.channels.get_mut(&ch))
-        else {
+        let Some(link) = self.link_mut(id, ch) else {
             return;
         };
         link.publishing = Publishing::Idle;
@@ -728,11 +724,7 @@ impl Shard {
         if pending.capacity() > 256 * 1024 {
             pending = Vec::new();
         }
-        if let Some(link) = self
-            .clients
-            .get_mut(id.0)
-            .and_then(|c| c.channels.get_mut(&ch))
-        {
+        if let Some(link) = self.link_mut(id, ch) {
             link.pending = pending;
         }
     }
@@ -769,11 +761,7 @@ impl Shard {
         text: &str,
         failing: method::Id,
     ) {
-        let Some(link) = self
-            .clients
-            .get_mut(id.0)
-            .and_then(|c| c.channels.get_mut(&ch))
-        else {
+        let Some(link) = self.link_mut(id, ch) else {
             return;
         };
         link.state = ChannelState::ClosingByServer;

@@ -48,11 +48,7 @@ impl Shard {
         mid: method::Id,
         payload: &[u8],
     ) -> Result<(), ConnectionError> {
-        let Some(link) = self
-            .clients
-            .get_mut(id.0)
-            .and_then(|c| c.channels.get_mut(&ch))
-        else {
+        let Some(link) = self.link_mut(id, ch) else {
             return Ok(());
         };
         match mid {
@@ -89,11 +85,7 @@ impl Shard {
 
     /// Basic.ConsumeOk from the broker: a server-named tag is now active.
     pub(super) fn consumer_started(&mut self, client: ClientId, ch: u16, payload: &[u8]) {
-        let Some(link) = self
-            .clients
-            .get_mut(client.0)
-            .and_then(|c| c.channels.get_mut(&ch))
-        else {
+        let Some(link) = self.link_mut(client, ch) else {
             return;
         };
         if link.consumes.pop_front() == Some(false) {
@@ -108,11 +100,7 @@ impl Shard {
 
     /// Basic.Cancel (broker-initiated) or CancelOk: the tag is free again.
     pub(super) fn consumer_ended(&mut self, client: ClientId, ch: u16, payload: &[u8]) {
-        let Some(link) = self
-            .clients
-            .get_mut(client.0)
-            .and_then(|c| c.channels.get_mut(&ch))
-        else {
+        let Some(link) = self.link_mut(client, ch) else {
             return;
         };
         if let Some(tag) = leading_tag(payload) {

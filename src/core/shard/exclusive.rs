@@ -19,7 +19,7 @@ use crate::protocol::methods::{self, put_channel_open, put_close, put_method};
 
 /// Methods whose first field after the ticket is a queue name that an
 /// exclusive queue's owner alone may use.
-fn touches_queue(id: method::Id) -> bool {
+pub(super) fn touches_queue(id: method::Id) -> bool {
     matches!(
         id,
         method::QUEUE_DECLARE
@@ -63,7 +63,7 @@ impl Shard {
         if !touches_queue(mid) {
             return false;
         }
-        let Some(link) = self.clients.get(id.0).and_then(|c| c.channels.get(&ch)) else {
+        let Some(link) = self.link(id, ch) else {
             return false;
         };
         let uid = link.upstream;
@@ -98,11 +98,7 @@ impl Shard {
                     if exclusive && !queue.is_empty() {
                         self.record_exclusive(id, uid, queue.to_vec());
                     }
-                } else if let Some(link) = self
-                    .clients
-                    .get_mut(id.0)
-                    .and_then(|c| c.channels.get_mut(&ch))
-                {
+                } else if let Some(link) = self.link_mut(id, ch) {
                     // DeclareOk comes back in order; it names server-named queues.
                     link.declares.push_back(exclusive);
                 }
@@ -130,11 +126,7 @@ impl Shard {
         ch: u16,
         payload: &[u8],
     ) {
-        let Some(link) = self
-            .clients
-            .get_mut(client.0)
-            .and_then(|c| c.channels.get_mut(&ch))
-        else {
+        let Some(link) = self.link_mut(client, ch) else {
             return;
         };
         if link.declares.pop_front() != Some(true) {

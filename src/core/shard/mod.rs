@@ -283,6 +283,16 @@ impl Shard {
 
     // ---- shared helpers ---------------------------------------------------
 
+    fn link(&self, id: ClientId, ch: u16) -> Option<&super::client::ChannelLink> {
+        self.clients.get(id.0).and_then(|c| c.channels.get(&ch))
+    }
+
+    fn link_mut(&mut self, id: ClientId, ch: u16) -> Option<&mut super::client::ChannelLink> {
+        self.clients
+            .get_mut(id.0)
+            .and_then(|c| c.channels.get_mut(&ch))
+    }
+
     fn client_send(&mut self, id: ClientId, write: impl FnOnce(&mut Vec<u8>)) {
         let Some(c) = self.clients.get_mut(id.0) else {
             return;

@@ -205,19 +205,12 @@ impl Shard {
         mid: method::Id,
         payload: &[u8],
     ) -> bool {
-        let uses_queue_name = matches!(
-            mid,
-            method::QUEUE_BIND
-                | method::QUEUE_UNBIND
-                | method::QUEUE_PURGE
-                | method::QUEUE_DELETE
-                | method::BASIC_CONSUME
-                | method::BASIC_GET
-        );
+        // The methods that name a queue, except Queue.Declare itself.
+        let uses_queue_name = super::exclusive::touches_queue(mid) && mid != method::QUEUE_DECLARE;
         if !uses_queue_name {
             return false;
         }
-        let Some(link) = self.clients.get(id.0).and_then(|c| c.channels.get(&ch)) else {
+        let Some(link) = self.link(id, ch) else {
             return false;
         };
         if !link.reused || link.declared {

@@ -298,11 +298,7 @@ impl Shard {
                 match (slot.state, slot.owner) {
                     (SlotState::Opening, Some((client, ch))) => {
                         self.set_slot(id, n, SlotState::Open, slot.owner);
-                        if let Some(link) = self
-                            .clients
-                            .get_mut(client.0)
-                            .and_then(|c| c.channels.get_mut(&ch))
-                        {
+                        if let Some(link) = self.link_mut(client, ch) {
                             link.state = ChannelState::Open;
                         }
                         self.client_send(client, |out| put_channel_open_ok(out, ch));
@@ -322,11 +318,7 @@ impl Shard {
                 match (slot.state, slot.owner) {
                     (SlotState::Open | SlotState::Opening, Some((client, ch))) => {
                         self.set_slot(id, n, SlotState::BrokerClosing, slot.owner);
-                        if let Some(link) = self
-                            .clients
-                            .get_mut(client.0)
-                            .and_then(|c| c.channels.get_mut(&ch))
-                        {
+                        if let Some(link) = self.link_mut(client, ch) {
                             link.state = ChannelState::ClosingByServer;
                             link.pending.clear();
                             link.publishing = crate::core::client::Publishing::Idle;
@@ -360,15 +352,11 @@ impl Shard {
                 if slot.state == SlotState::Closing {
                     self.free_slot(id, n);
                     if let Some((client, ch)) = slot.owner {
-                        let ours = self
-                            .clients
-                            .get(client.0)
-                            .and_then(|c| c.channels.get(&ch))
-                            .is_some_and(|l| {
-                                l.upstream == id
-                                    && l.upstream_channel == n
-                                    && l.state == ChannelState::ClosingByClient
-                            });
+                        let ours = self.link(client, ch).is_some_and(|l| {
+                            l.upstream == id
+                                && l.upstream_channel == n
+                                && l.state == ChannelState::ClosingByClient
+                        });
                         if ours {
                             if let Some(c) = self.clients.get_mut(client.0) {
                                 c.channels.remove(&ch);
@@ -402,11 +390,7 @@ impl Shard {
             }
             Some(method::BASIC_CONSUME_OK) => self.consumer_started(client, ch, frame.payload),
             Some(method::TX_COMMIT_OK) => {
-                if let Some(link) = self
-                    .clients
-                    .get_mut(client.0)
-                    .and_then(|c| c.channels.get_mut(&ch))
-                {
+                if let Some(link) = self.link_mut(client, ch) {
                     link.committing = false;
                 }
             }
