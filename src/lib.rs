@@ -7,5 +7,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod core;
+pub mod http;
+pub mod metrics;
 pub mod protocol;
 pub mod server;

@@ -10,6 +10,7 @@ pub mod errors;
 pub mod pool;
 pub mod shard;
 pub mod slab;
+pub mod stats;
 pub mod upstream;
 
 use std::time::Duration;

@@ -78,6 +78,8 @@ pub struct Upstream {
     /// The broker's Connection.Blocked payload while it is in force, so a
     /// client that gets a channel here later is told too.
     pub blocked: Option<Vec<u8>>,
+    /// When the connection was started (for the connect latency metric).
+    pub started: Instant,
     /// Exclusive queues declared through this connection, by owner.
     pub exclusive: std::collections::HashMap<Vec<u8>, ClientId>,
 }
@@ -108,6 +110,7 @@ impl Upstream {
             idle_since: None,
             paused_clients: Vec::new(),
             blocked: None,
+            started: now,
             exclusive: std::collections::HashMap::new(),
         }
     }

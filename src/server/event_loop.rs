@@ -158,6 +158,10 @@ impl EventLoop {
                         log::warn!(
                             "refusing client {peer}: max_client_connections ({max}) reached"
                         );
+                        self.shared
+                            .metrics
+                            .clients_refused
+                            .fetch_add(1, Ordering::Relaxed);
                         drop(stream);
                         continue;
                     }

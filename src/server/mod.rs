@@ -23,6 +23,7 @@ pub struct Shared {
     /// Client sockets currently open, for `max_client_connections`.
     pub client_connections: AtomicUsize,
     pub max_client_connections: usize,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The core's view of the configuration.
@@ -58,13 +59,21 @@ pub fn run(config: Config) -> io::Result<()> {
         log::info!("listening on {}", l.local_addr()?);
     }
     log::info!("upstream {}", config.upstream);
+    let workers = config.workers.clamp(1, token::MAX_WORKERS);
+    let metrics = Arc::new(crate::metrics::Metrics::new(workers));
+    crate::http::spawn(
+        &config.http_address,
+        config.http_port,
+        metrics.clone(),
+        config.upstream.addr_string(),
+    )?;
     let shared = Arc::new(Shared {
         client_connections: AtomicUsize::new(0),
         max_client_connections: config.max_client_connections as usize,
+        metrics,
     });
     let mut event_loop = event_loop::EventLoop::new(listeners, shared.clone())?;
     let settings = settings_from(&config);
-    let workers = config.workers.clamp(1, token::MAX_WORKERS);
     for index in 0..workers {
         let handle = worker::spawn(
             index,

@@ -101,6 +101,7 @@ struct Worker {
     scratch: Vec<u8>,
     /// Sockets with bytes left to read (budget spent, or resumed).
     pending_reads: VecDeque<ConnRef>,
+    io: crate::metrics::IoCounts,
     /// Reused between turns so the steady state allocates nothing.
     dirty: Vec<ConnRef>,
     actions: Vec<Action>,
@@ -125,6 +126,7 @@ impl Worker {
             upstreams: Vec::new(),
             scratch: vec![0; SCRATCH_SIZE],
             pending_reads: VecDeque::new(),
+            io: Default::default(),
             dirty: Vec::new(),
             actions: Vec::new(),
         }
@@ -168,6 +170,11 @@ impl Worker {
             let now = Instant::now();
             if now >= next_tick {
                 self.shard.tick(now);
+                self.shared.metrics.workers[self.index].publish(
+                    self.shard.stats(),
+                    &self.shard.counts(),
+                    &self.io,
+                );
                 next_tick = now + crate::core::shard::TICK;
             }
             self.settle();
@@ -304,8 +311,14 @@ impl Worker {
                 }
                 Ok(n) => {
                     match conn {
-                        ConnRef::Client(id) => self.shard.client_data(id, &scratch[..n], now),
-                        ConnRef::Upstream(id) => self.shard.upstream_data(id, &scratch[..n], now),
+                        ConnRef::Client(id) => {
+                            self.io.bytes_from_clients += n as u64;
+                            self.shard.client_data(id, &scratch[..n], now)
+                        }
+                        ConnRef::Upstream(id) => {
+                            self.io.bytes_from_upstream += n as u64;
+                            self.shard.upstream_data(id, &scratch[..n], now)
+                        }
                     }
                     self.scratch = scratch;
                 }
@@ -342,7 +355,13 @@ impl Worker {
             }
             match sock.stream.write(out) {
                 Ok(0) => return,
-                Ok(n) => self.shard.output_written(conn, n),
+                Ok(n) => {
+                    match conn {
+                        ConnRef::Client(_) => self.io.bytes_to_clients += n as u64,
+                        ConnRef::Upstream(_) => self.io.bytes_to_upstream += n as u64,
+                    }
+                    self.shard.output_written(conn, n)
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {

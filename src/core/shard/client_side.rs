@@ -50,6 +50,7 @@ impl Shard {
                 Ok(FrameStatus::Partial) => return pos,
                 Ok(FrameStatus::Complete(frame, used)) => {
                     pos += used;
+                    self.stats.frames_from_clients += 1;
                     if let Err(e) = self.client_frame(id, frame) {
                         self.fail_client(id, e);
                         return buf.len();
@@ -262,6 +263,7 @@ impl Shard {
         }
         c.state = ClientState::Open;
         c.deadline = None;
+        self.stats.handshakes_ok += 1;
         log::info!("client {} connected", c.label());
         self.client_send(id, put_connection_open_ok);
     }
@@ -704,6 +706,7 @@ impl Shard {
     /// The whole message is here: send method, header and body upstream
     /// together, so the shared connection never carries a partial message.
     fn publish_complete(&mut self, id: ClientId, ch: u16) {
+        self.stats.messages_published += 1;
         let Some(link) = self.link_mut(id, ch) else {
             return;
         };
@@ -745,6 +748,7 @@ impl Shard {
             if let Some(c) = self.clients.get_mut(client.0) {
                 if !c.paused {
                     c.paused = true;
+                    self.stats.backpressure_pauses += 1;
                     u.paused_clients.push(client);
                 }
             }

@@ -14,7 +14,7 @@ mod exclusive;
 mod reuse;
 mod timers;
 
-pub use reuse::{leaves_no_state, ReuseCounts};
+pub use reuse::leaves_no_state;
 pub use timers::TICK;
 mod upstream_side;
 
@@ -37,7 +37,7 @@ pub struct Shard {
     actions: Vec<Action>,
     dirty: Vec<ConnRef>,
     now: Instant,
-    reuse: ReuseCounts,
+    stats: super::stats::Stats,
 }
 
 /// Counts for tests, logs and metrics.
@@ -45,8 +45,15 @@ pub struct Shard {
 pub struct ShardCounts {
     pub clients: usize,
     pub upstreams: usize,
+    /// Upstream connections past their handshake.
+    pub open_upstreams: usize,
     pub pools: usize,
+    /// Channels clients have open (their links).
+    pub client_channels: usize,
+    /// Upstream channel numbers in use, idle ones included.
     pub upstream_channels: usize,
+    /// Reusable channels on the pools' idle lists.
+    pub idle_channels: usize,
 }
 
 impl Shard {
@@ -59,7 +66,7 @@ impl Shard {
             actions: Vec::new(),
             dirty: Vec::new(),
             now,
-            reuse: ReuseCounts::default(),
+            stats: super::stats::Stats::default(),
         }
     }
 
@@ -72,16 +79,24 @@ impl Shard {
         self.settings = settings;
     }
 
-    pub fn reuse_counts(&self) -> ReuseCounts {
-        self.reuse
+    /// Counters since the shard started.
+    pub fn stats(&self) -> &super::stats::Stats {
+        &self.stats
     }
 
     pub fn counts(&self) -> ShardCounts {
         ShardCounts {
             clients: self.clients.len(),
             upstreams: self.upstreams.len(),
+            open_upstreams: self
+                .upstreams
+                .iter()
+                .filter(|(_, u)| u.state == UpstreamState::Open)
+                .count(),
             pools: self.pools.len(),
+            client_channels: self.clients.iter().map(|(_, c)| c.channels.len()).sum(),
             upstream_channels: self.upstreams.iter().map(|(_, u)| u.used).sum(),
+            idle_channels: self.pools.iter().map(|(_, p)| p.idle.len()).sum(),
         }
     }
 
@@ -334,6 +349,16 @@ impl Shard {
         // RabbitMQ closes the socket without a word for a peer that never
         // sent a valid header, and for an authentication failure when the
         // client did not ask for authentication_failure_close.
+        if !matches!(
+            c.state,
+            ClientState::Open | ClientState::ExpectCloseOk | ClientState::Closed
+        ) {
+            if matches!(err.code, reply::ACCESS_REFUSED | reply::NOT_ALLOWED) {
+                self.stats.handshakes_refused += 1;
+            } else {
+                self.stats.handshakes_failed += 1;
+            }
+        }
         let silent = c.state == ClientState::ExpectProtocolHeader
             || (err.code == reply::ACCESS_REFUSED && !c.capabilities.authentication_failure_close);
         if silent {
@@ -445,6 +470,9 @@ impl Shard {
         };
         let pool = u.pool;
         let was_open = u.state == UpstreamState::Open;
+        if !was_open && u.state != UpstreamState::ExpectCloseOk {
+            self.stats.upstream_connect_failures += 1;
+        }
         let owners = u.owners();
         u.slots.clear();
         u.used = 0;

@@ -22,17 +22,6 @@ use crate::protocol::methods::{
 };
 use std::time::Instant;
 
-/// Reuse counters (for metrics).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ReuseCounts {
-    /// Channel.Open served from the idle list.
-    pub hits: u64,
-    /// Channel.Open that had to open a channel upstream.
-    pub misses: u64,
-    /// Fences that found the channel poisoned (the broker closed it).
-    pub discarded: u64,
-}
-
 /// Whether a client method leaves the channel as clean as it was: only
 /// Basic.Publish, Basic.Get with no_ack, exchange and queue methods, and
 /// the Channel.Close itself. Everything else (confirm.select, tx.select,
@@ -66,7 +55,7 @@ impl Shard {
         }
         loop {
             let Some(idle) = self.pools.get_mut(pool).and_then(|p| p.idle.pop()) else {
-                self.reuse.misses += 1;
+                self.stats.reuse_misses += 1;
                 return None;
             };
             let (uid, n) = (idle.upstream, idle.channel);
@@ -81,7 +70,7 @@ impl Shard {
             if let Some(u) = self.upstreams.get_mut(uid.0) {
                 u.idle_since = None;
             }
-            self.reuse.hits += 1;
+            self.stats.reuse_hits += 1;
             self.client_send(id, |out| put_channel_open_ok(out, ch));
             self.tell_if_blocked(uid, id);
             return Some((uid, n));
@@ -137,7 +126,7 @@ impl Shard {
 
     /// The broker closed a fencing or idle channel: it is discarded.
     pub(super) fn discard_reusable(&mut self, uid: UpstreamId, n: u16) {
-        self.reuse.discarded += 1;
+        self.stats.reuse_discarded += 1;
         self.forget_idle(uid, |u, c| u == uid && c == n);
     }
 

@@ -333,6 +333,26 @@ fn publish_is_forwarded_whole_with_rewritten_channel() {
     assert_eq!(sent.len(), 3);
     assert!(sent.iter().all(|f| f.1 == n));
     assert_eq!(sent[2].2, b"hello");
+    let stats = p.shard.stats();
+    assert_eq!(
+        (
+            stats.messages_published,
+            stats.handshakes_ok,
+            stats.upstream_connects
+        ),
+        (1, 1, 1)
+    );
+    assert_eq!(stats.upstream_connect_latency.count, 1);
+    let stats = p.shard.stats();
+    assert_eq!(
+        (
+            stats.messages_published,
+            stats.handshakes_ok,
+            stats.upstream_connects
+        ),
+        (1, 1, 1)
+    );
+    assert_eq!(stats.upstream_connect_latency.count, 1);
 }
 
 #[test]
@@ -1148,7 +1168,7 @@ fn a_safe_channel_is_fenced_then_reused_without_a_round_trip() {
     p.send_client(b, &publish(7, b"q", b"two"));
     let sent = p.upstream_out(up);
     assert!(sent.iter().all(|f| f.1 == n));
-    assert_eq!(p.shard.reuse_counts().hits, 1);
+    assert_eq!(p.shard.stats().reuse_hits, 1);
 }
 
 #[test]
@@ -1254,7 +1274,7 @@ fn poison_arriving_before_the_fence_is_consumed_and_a_close_discards_the_channel
         .client_out(b)
         .iter()
         .all(|f| mid(f) != Some(method::CHANNEL_CLOSE)));
-    assert_eq!(p.shard.reuse_counts().discarded, 1);
+    assert_eq!(p.shard.stats().reuse_discarded, 1);
     let mut open = Vec::new();
     m::put_channel_open(&mut open, 2);
     p.send_client(b, &open);
@@ -1352,7 +1372,10 @@ fn with_reuse_off_channels_are_closed_upstream() {
     close_channel(&mut p, a, 1);
     let sent = p.upstream_out(up);
     assert_eq!((mid(&sent[0]), sent[0].1), (Some(method::CHANNEL_CLOSE), n));
-    assert_eq!(p.shard.reuse_counts(), ReuseCounts::default());
+    assert_eq!(
+        (p.shard.stats().reuse_hits, p.shard.stats().reuse_misses),
+        (0, 0)
+    );
 }
 
 #[test]

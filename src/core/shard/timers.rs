@@ -36,13 +36,13 @@ impl Shard {
             return;
         }
         if c.deadline.is_some_and(|d| now >= d) {
-            match c.state {
-                ClientState::ExpectCloseOk => {}
-                _ => log::info!(
+            if c.state != ClientState::ExpectCloseOk {
+                log::info!(
                     "client {}: handshake timeout in state {:?}",
                     c.label(),
                     c.state
-                ),
+                );
+                self.stats.handshakes_timed_out += 1;
             }
             self.close_client_now(id);
             return;

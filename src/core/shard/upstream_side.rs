@@ -30,6 +30,7 @@ impl Shard {
                 Ok(FrameStatus::Partial) => return pos,
                 Ok(FrameStatus::Complete(frame, used)) => {
                     pos += used;
+                    self.stats.frames_from_upstream += 1;
                     self.upstream_frame(id, frame);
                 }
                 Err(e) => {
@@ -192,6 +193,10 @@ impl Shard {
         };
         u.state = UpstreamState::Open;
         u.deadline = None;
+        self.stats.upstream_connects += 1;
+        self.stats
+            .upstream_connect_latency
+            .observe(now.saturating_duration_since(u.started));
         if u.used == 0 {
             u.idle_since = Some(now);
         }
@@ -413,6 +418,7 @@ impl Shard {
             return;
         }
         if c.out.len() > limit {
+            self.stats.slow_consumer_disconnects += 1;
             log::warn!(
                 "client {}: slow consumer, {} bytes unsent",
                 c.label(),
