@@ -9,7 +9,7 @@ use std::io::IsTerminal;
 pub fn main() -> i32 {
     let args: Vec<_> = std::env::args_os().collect();
     let env = |name: &str| std::env::var(name).ok();
-    let config = match config::load(args, &env) {
+    let config = match config::load(args.clone(), &env) {
         Ok(Loaded::Run(config)) => config,
         Ok(Loaded::Exit(text)) => {
             print!("{text}");
@@ -28,7 +28,13 @@ pub fn main() -> i32 {
         return 2;
     }
     init_logging(config.log_level);
-    match crate::server::run(config) {
+    // SIGHUP re-reads every source with the same arguments and environment.
+    let reload = Box::new(move || match config::load(args.clone(), &|name: &str| std::env::var(name).ok()) {
+        Ok(Loaded::Run(config)) => Ok(config),
+        Ok(Loaded::Exit(_)) => Err("unexpected --help/--version".to_string()),
+        Err(e) => Err(e.to_string()),
+    });
+    match crate::server::run(config, reload) {
         Ok(()) => 0,
         Err(e) => {
             log::error!("{e}");
@@ -47,9 +53,12 @@ fn init_logging(level: LevelFilter) {
         .set_location_level(LevelFilter::Off)
         .set_time_format_rfc3339()
         .build();
+    // The logger passes everything; the level is the `log` crate's global
+    // filter, so SIGHUP can change it.
     if std::io::stderr().is_terminal() {
-        let _ = TermLogger::init(level, config, TerminalMode::Stderr, ColorChoice::Auto);
+        let _ = TermLogger::init(LevelFilter::Trace, config, TerminalMode::Stderr, ColorChoice::Auto);
     } else {
-        let _ = WriteLogger::init(level, config, std::io::stderr());
+        let _ = WriteLogger::init(LevelFilter::Trace, config, std::io::stderr());
     }
+    log::set_max_level(level);
 }

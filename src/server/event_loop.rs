@@ -11,7 +11,10 @@
 
 use super::token;
 use super::worker::{Ready, WorkerHandle, WorkerMsg};
+use super::lifecycle::{Lifecycle, Next};
 use super::Shared;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
 use crossbeam_channel::TrySendError;
 use mio::event::Event;
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
@@ -24,6 +27,8 @@ use std::time::Duration;
 /// Accept errors such as EMFILE (and a full worker queue) are retried after
 /// this pause, not in a busy loop.
 const ACCEPT_RETRY: Duration = Duration::from_millis(10);
+/// How often a shutdown in progress is checked.
+const SHUTDOWN_CHECK: Duration = Duration::from_millis(50);
 
 pub struct EventLoop {
     poll: Poll,
@@ -37,11 +42,19 @@ pub struct EventLoop {
     /// queue); edge-triggered readiness will not report them again.
     accept_pending: Vec<bool>,
     waker: Arc<Waker>,
+    signals: Signals,
+    lifecycle: Lifecycle,
 }
 
 impl EventLoop {
-    pub fn new(mut listeners: Vec<mio::net::TcpListener>, shared: Arc<Shared>) -> io::Result<Self> {
+    pub fn new(
+        mut listeners: Vec<mio::net::TcpListener>,
+        shared: Arc<Shared>,
+        lifecycle: Lifecycle,
+    ) -> io::Result<Self> {
         let poll = Poll::new()?;
+        let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+        poll.registry().register(&mut signals, token::SIGNALS, Interest::READABLE)?;
         for (i, l) in listeners.iter_mut().enumerate() {
             poll.registry()
                 .register(l, token::listener(i), Interest::READABLE)?;
@@ -57,6 +70,8 @@ impl EventLoop {
             next_worker: 0,
             accept_pending: vec![false; n],
             waker,
+            signals,
+            lifecycle,
         })
     }
 
@@ -78,9 +93,12 @@ impl EventLoop {
     pub fn run(&mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
         loop {
-            // A backlog is retried when its worker wakes us; only pending
-            // accepts (after EMFILE or a full queue) need a timed retry.
-            let timeout = if self.accept_pending.iter().any(|p| *p) {
+            // A backlog is retried when its worker wakes us; pending accepts
+            // (after EMFILE or a full queue) and a shutdown in progress
+            // need a timed look.
+            let timeout = if self.lifecycle.shutting_down() {
+                Some(SHUTDOWN_CHECK)
+            } else if self.accept_pending.iter().any(|p| *p) {
                 Some(ACCEPT_RETRY)
             } else {
                 None
@@ -97,6 +115,15 @@ impl EventLoop {
                 if t == token::WAKER {
                     continue;
                 }
+                if t == token::SIGNALS {
+                    let signals: Vec<i32> = self.signals.pending().collect();
+                    for signal in signals {
+                        if self.lifecycle.on_signal(signal, &self.workers, &self.shared) == Next::StopAccepting {
+                            self.stop_accepting();
+                        }
+                    }
+                    continue;
+                }
                 if let Some(i) = token::listener_index(t) {
                     self.accept_pending[i] = true;
                     continue;
@@ -108,7 +135,18 @@ impl EventLoop {
                     self.accept(i);
                 }
             }
+            if self.lifecycle.check(&self.workers) == Next::Exit {
+                return Ok(());
+            }
         }
+    }
+
+    fn stop_accepting(&mut self) {
+        for l in &mut self.listeners {
+            let _ = self.poll.registry().deregister(l);
+        }
+        self.listeners.clear();
+        self.accept_pending.clear();
     }
 
     fn route(&mut self, t: Token, ready: Ready) {
@@ -152,7 +190,7 @@ impl EventLoop {
         loop {
             match self.listeners[i].accept() {
                 Ok((stream, peer)) => {
-                    let max = self.shared.max_client_connections;
+                    let max = self.shared.max_client_connections.load(Ordering::Relaxed);
                     let open = self.shared.client_connections.load(Ordering::Relaxed);
                     if max > 0 && open >= max {
                         log::warn!(

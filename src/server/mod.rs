@@ -7,7 +7,9 @@
 //! sockets of its connections; it reads, runs the core, and writes. See
 //! docs/ARCHITECTURE.md.
 
+pub mod control;
 pub mod event_loop;
+pub mod lifecycle;
 pub mod net;
 pub mod token;
 pub mod worker;
@@ -22,7 +24,8 @@ use std::sync::Arc;
 pub struct Shared {
     /// Client sockets currently open, for `max_client_connections`.
     pub client_connections: AtomicUsize,
-    pub max_client_connections: usize,
+    /// Reloadable, so atomic.
+    pub max_client_connections: AtomicUsize,
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -49,7 +52,7 @@ pub fn settings_from(config: &Config) -> Settings {
 
 /// Binds the listeners, starts the workers and runs the event loop on the
 /// calling thread until it fails.
-pub fn run(config: Config) -> io::Result<()> {
+pub fn run(config: Config, reload: lifecycle::Reload) -> io::Result<()> {
     let listeners = net::bind_listeners(
         &config.listen_address,
         config.listen_port,
@@ -69,10 +72,11 @@ pub fn run(config: Config) -> io::Result<()> {
     )?;
     let shared = Arc::new(Shared {
         client_connections: AtomicUsize::new(0),
-        max_client_connections: config.max_client_connections as usize,
+        max_client_connections: AtomicUsize::new(config.max_client_connections as usize),
         metrics,
     });
-    let mut event_loop = event_loop::EventLoop::new(listeners, shared.clone())?;
+    let lifecycle = lifecycle::Lifecycle::new(config.clone(), reload);
+    let mut event_loop = event_loop::EventLoop::new(listeners, shared.clone(), lifecycle)?;
     let settings = settings_from(&config);
     for index in 0..workers {
         let handle = worker::spawn(

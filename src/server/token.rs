@@ -15,11 +15,13 @@ const INDEX_MASK: usize = (1 << 24) - 1;
 
 /// Tokens of the event loop's own sources use worker byte 0xFF.
 pub const WAKER: Token = Token(usize::MAX);
+pub const SIGNALS: Token = Token(usize::MAX - 1);
 pub fn listener(i: usize) -> Token {
     Token((0xFF << WORKER_SHIFT) | i)
 }
 pub fn listener_index(t: Token) -> Option<usize> {
-    if t != WAKER && t.0 >> WORKER_SHIFT == 0xFF {
+    // Listeners: worker byte 0xFF and nothing between it and a small index.
+    if t.0 >> WORKER_SHIFT == 0xFF && t.0 & 0x00FF_FFFF_0000_0000 == 0 {
         Some(t.0 & 0xFFFF_FFFF)
     } else {
         None
@@ -78,5 +80,6 @@ mod tests {
         }
         assert_eq!(listener_index(listener(2)), Some(2));
         assert_eq!(listener_index(WAKER), None);
+        assert_eq!(listener_index(SIGNALS), None);
     }
 }

@@ -9,6 +9,7 @@
 
 use super::net;
 use super::token;
+use super::control::{self, Control};
 use super::Shared;
 use crate::core::{Action, ConnRef, Settings, Shard, UpstreamId};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
@@ -43,6 +44,7 @@ pub enum WorkerMsg {
 
 pub struct WorkerHandle {
     sender: Sender<WorkerMsg>,
+    pub control: Arc<Control>,
     /// Set by the loop when this worker's queue was full; the worker clears
     /// it and wakes the loop once it has taken messages off the queue.
     backlogged: Arc<AtomicBool>,
@@ -70,14 +72,17 @@ pub fn spawn(
     let (sender, receiver) = crossbeam_channel::bounded(QUEUE_CAPACITY);
     let backlogged = Arc::new(AtomicBool::new(false));
     let flag = backlogged.clone();
+    let control = Arc::new(Control::default());
+    let worker_control = control.clone();
     let thread = std::thread::Builder::new()
         .name(format!("worker-{index}"))
         .spawn(move || {
-            let mut worker = Worker::new(index, settings, upstream, registry, shared);
+            let mut worker = Worker::new(index, settings, upstream, registry, shared, worker_control);
             worker.run(receiver, &flag, &waker);
         })?;
     Ok(WorkerHandle {
         sender,
+        control,
         backlogged,
         _thread: thread,
     })
@@ -102,6 +107,10 @@ struct Worker {
     /// Sockets with bytes left to read (budget spent, or resumed).
     pending_reads: VecDeque<ConnRef>,
     io: crate::metrics::IoCounts,
+    control: Arc<Control>,
+    /// Shutdown steps already taken.
+    clients_closed: bool,
+    upstreams_closed: bool,
     /// Reused between turns so the steady state allocates nothing.
     dirty: Vec<ConnRef>,
     actions: Vec<Action>,
@@ -114,6 +123,7 @@ impl Worker {
         upstream: String,
         registry: Registry,
         shared: Arc<Shared>,
+        control: Arc<Control>,
     ) -> Self {
         Worker {
             index,
@@ -127,6 +137,9 @@ impl Worker {
             scratch: vec![0; SCRATCH_SIZE],
             pending_reads: VecDeque::new(),
             io: Default::default(),
+            control,
+            clients_closed: false,
+            upstreams_closed: false,
             dirty: Vec::new(),
             actions: Vec::new(),
         }
@@ -167,7 +180,15 @@ impl Worker {
                     self.read(conn);
                 }
             }
+            if let Some(settings) = self.control.take_settings() {
+                self.shard.set_settings(settings);
+            }
             let now = Instant::now();
+            if self.control.phase() != control::RUNNING && self.shut_down_step(now) {
+                self.publish_metrics();
+                self.control.set_done();
+                return;
+            }
             if now >= next_tick {
                 self.shard.tick(now);
                 self.shared.metrics.workers[self.index].publish(
@@ -179,6 +200,32 @@ impl Worker {
             }
             self.settle();
         }
+    }
+
+    fn publish_metrics(&self) {
+        self.shared.metrics.workers[self.index].publish(self.shard.stats(), &self.shard.counts(), &self.io);
+    }
+
+    /// One step of a graceful shutdown; true once nothing is left.
+    fn shut_down_step(&mut self, now: Instant) -> bool {
+        if self.control.phase() >= control::CLOSING_CLIENTS && !self.clients_closed {
+            self.clients_closed = true;
+            self.shard.close_all_clients(
+                crate::protocol::constants::reply::CONNECTION_FORCED,
+                "CONNECTION_FORCED - proxy shutting down",
+                now,
+            );
+        }
+        let counts = self.shard.counts();
+        if counts.clients == 0 && !self.upstreams_closed {
+            // Every complete publish is already queued upstream ahead of
+            // the Connection.Close; the broker's CloseOk confirms it read them.
+            self.upstreams_closed = true;
+            self.shard.close_all_upstreams(now);
+        }
+        self.settle();
+        let counts = self.shard.counts();
+        counts.clients == 0 && counts.upstreams == 0
     }
 
     /// Carries out actions and writes output until nothing is left to do.

@@ -296,6 +296,50 @@ impl Shard {
         self.pools.get(u.pool).map(|p| &p.credentials)
     }
 
+    /// Shutdown: every client still connected gets Connection.Close with
+    /// `code` and `text` (its channels are closed or returned upstream
+    /// behind it, after every complete publish it sent).
+    pub fn close_all_clients(&mut self, code: u16, text: &str, now: Instant) {
+        self.now = now;
+        let ids: Vec<ClientId> = self.clients.keys().map(ClientId).collect();
+        for id in ids {
+            self.fail_client(id, ConnectionError::new(code, text, (0, 0)));
+        }
+    }
+
+    /// Shutdown: closes every upstream connection with Connection.Close;
+    /// each is gone once the broker's CloseOk (or the close deadline) comes.
+    pub fn close_all_upstreams(&mut self, now: Instant) {
+        self.now = now;
+        let ids: Vec<UpstreamId> = self.upstreams.keys().map(UpstreamId).collect();
+        for id in ids {
+            let Some(u) = self.upstreams.get(id.0) else { continue };
+            match u.state {
+                UpstreamState::ExpectCloseOk => {}
+                UpstreamState::Open => {
+                    let pool = u.pool;
+                    if let Some(p) = self.pools.get_mut(pool) {
+                        p.upstreams.retain(|x| *x != id);
+                        p.idle.retain(|i| i.upstream != id);
+                    }
+                    self.upstream_send(id, |out| put_close(out, 0, reply::SUCCESS, b"proxy shutting down", (0, 0)));
+                    if let Some(u) = self.upstreams.get_mut(id.0) {
+                        u.state = UpstreamState::ExpectCloseOk;
+                        u.deadline = Some(now + super::CLOSE_TIMEOUT);
+                    }
+                }
+                _ => {
+                    self.fail_upstream(id, reply::CONNECTION_FORCED, "CONNECTION_FORCED - proxy shutting down");
+                    if let Some(u) = self.upstreams.get_mut(id.0) {
+                        u.state = UpstreamState::ExpectCloseOk;
+                        u.deadline = None;
+                    }
+                    self.actions.push(Action::CloseAfterFlush(ConnRef::Upstream(id)));
+                }
+            }
+        }
+    }
+
     // ---- shared helpers ---------------------------------------------------
 
     fn link(&self, id: ClientId, ch: u16) -> Option<&super::client::ChannelLink> {

@@ -1493,3 +1493,32 @@ fn a_pipelined_second_channel_close_gets_its_own_close_ok() {
         assert!(got.iter().all(|f| mid(f) != Some(method::CONNECTION_CLOSE)));
     }
 }
+
+#[test]
+fn shutdown_closes_clients_with_320_then_upstreams_after_their_publishes() {
+    let mut p = Pair::new(Settings::default());
+    let (c, up) = p.connected_client();
+    p.open_channel(c, up, 1);
+    p.send_client(c, &publish(1, b"q", b"accepted before shutdown"));
+    p.shard.close_all_clients(320, "CONNECTION_FORCED - shutdown", p.now);
+    let got = p.client_out(c);
+    assert_eq!(close_of(&got[0]), (320, "CONNECTION_FORCED - shutdown".into()));
+    let mut ok = Vec::new();
+    m::put_close_ok(&mut ok, 0);
+    p.send_client(c, &ok);
+    for a in p.actions() {
+        if let Action::CloseAfterFlush(conn) = a {
+            p.shard.release(conn);
+        }
+    }
+    assert_eq!(p.shard.counts().clients, 0);
+    p.shard.close_all_upstreams(p.now);
+    let sent = p.upstream_out(up);
+    let publish_at = sent.iter().position(|f| f.2 == b"accepted before shutdown").expect("publish flushed");
+    let close_at = sent.iter().position(|f| mid(f) == Some(method::CONNECTION_CLOSE)).expect("upstream closed");
+    assert!(publish_at < close_at);
+    let mut ok = Vec::new();
+    m::put_close_ok(&mut ok, 0);
+    p.send_upstream(up, &ok);
+    assert_eq!(p.actions(), vec![Action::CloseAfterFlush(ConnRef::Upstream(up))]);
+}
