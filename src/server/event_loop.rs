@@ -208,7 +208,7 @@ impl EventLoop {
                         .fetch_add(1, Ordering::Relaxed);
                     let w = self.next_worker % self.workers.len().max(1);
                     self.next_worker = self.next_worker.wrapping_add(1);
-                    match self.workers[w].send(WorkerMsg::Accept(stream, peer)) {
+                    match self.workers[w].send(WorkerMsg::Accept(stream, peer, None)) {
                         Ok(()) => {}
                         Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                             // Dropping the stream closes it; the client may retry.

@@ -11,6 +11,7 @@ pub mod control;
 pub mod event_loop;
 pub mod lifecycle;
 pub mod net;
+pub mod tls;
 pub mod token;
 pub mod worker;
 
@@ -50,6 +51,11 @@ pub fn settings_from(config: &Config) -> Settings {
     }
 }
 
+/// The upstream TLS options from the configuration.
+pub fn upstream_tls_settings(_config: &Config) -> tls::UpstreamTls {
+    tls::UpstreamTls::default()
+}
+
 /// Binds the listeners, starts the workers and runs the event loop on the
 /// calling thread until it fails.
 pub fn run(config: Config, reload: lifecycle::Reload) -> io::Result<()> {
@@ -78,15 +84,24 @@ pub fn run(config: Config, reload: lifecycle::Reload) -> io::Result<()> {
     let lifecycle = lifecycle::Lifecycle::new(config.clone(), reload);
     let mut event_loop = event_loop::EventLoop::new(listeners, shared.clone(), lifecycle)?;
     let settings = settings_from(&config);
+    let upstream_tls: worker::UpstreamTls = if config.upstream.tls {
+        let tls = upstream_tls_settings(&config);
+        let client = tls::upstream_config(&tls).map_err(io::Error::other)?;
+        let name = tls::server_name(&tls, &config.upstream.host).map_err(io::Error::other)?;
+        Some((client, name))
+    } else {
+        None
+    };
     for index in 0..workers {
-        let handle = worker::spawn(
+        let handle = worker::spawn(worker::Setup {
             index,
-            settings.clone(),
-            config.upstream.addr_string(),
-            event_loop.registry()?,
-            event_loop.waker(),
-            shared.clone(),
-        )?;
+            settings: settings.clone(),
+            upstream: config.upstream.addr_string(),
+            upstream_tls: upstream_tls.clone(),
+            registry: event_loop.registry()?,
+            waker: event_loop.waker(),
+            shared: shared.clone(),
+        })?;
         event_loop.add_worker(handle);
     }
     log::info!("{workers} worker threads");

@@ -38,7 +38,8 @@ pub struct Ready {
 }
 
 pub enum WorkerMsg {
-    Accept(TcpStream, SocketAddr),
+    /// An accepted client, with the TLS configuration of its listener.
+    Accept(TcpStream, SocketAddr, Option<Arc<rustls::ServerConfig>>),
     Ready(Token, Ready),
 }
 
@@ -61,23 +62,32 @@ impl WorkerHandle {
     }
 }
 
-pub fn spawn(
-    index: usize,
-    settings: Settings,
-    upstream: String,
-    registry: Registry,
-    waker: Arc<Waker>,
-    shared: Arc<Shared>,
-) -> io::Result<WorkerHandle> {
+/// The TLS client configuration and server name for `amqps://` upstreams.
+pub type UpstreamTls = Option<(Arc<rustls::ClientConfig>, rustls::pki_types::ServerName<'static>)>;
+
+/// Everything a worker starts with.
+pub struct Setup {
+    pub index: usize,
+    pub settings: Settings,
+    /// `host:port` of the broker.
+    pub upstream: String,
+    pub upstream_tls: UpstreamTls,
+    pub registry: Registry,
+    pub waker: Arc<Waker>,
+    pub shared: Arc<Shared>,
+}
+
+pub fn spawn(setup: Setup) -> io::Result<WorkerHandle> {
     let (sender, receiver) = crossbeam_channel::bounded(QUEUE_CAPACITY);
     let backlogged = Arc::new(AtomicBool::new(false));
     let flag = backlogged.clone();
     let control = Arc::new(Control::default());
     let worker_control = control.clone();
     let thread = std::thread::Builder::new()
-        .name(format!("worker-{index}"))
+        .name(format!("worker-{}", setup.index))
         .spawn(move || {
-            let mut worker = Worker::new(index, settings, upstream, registry, shared, worker_control);
+            let waker = setup.waker.clone();
+            let mut worker = Worker::new(setup, worker_control);
             worker.run(receiver, &flag, &waker);
         })?;
     Ok(WorkerHandle {
@@ -92,12 +102,86 @@ struct Socket {
     stream: TcpStream,
     /// Upstream TCP connect still in progress.
     connecting: bool,
+    /// TLS session over `stream`, for amqps on either side.
+    tls: Option<Box<rustls::Connection>>,
+}
+
+impl Socket {
+    fn plain(stream: TcpStream, connecting: bool) -> Self {
+        Socket { stream, connecting, tls: None }
+    }
+
+    /// Reads plaintext: straight from the socket, or through TLS (reading
+    /// records until some plaintext is available). Ok(0) is end of stream;
+    /// WouldBlock means nothing more for now.
+    fn read_plain(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(tls) = self.tls.as_mut() else {
+            return self.stream.read(buf);
+        };
+        loop {
+            match tls.reader().read(buf) {
+                Ok(n) => return Ok(n), // 0: the peer sent close_notify
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+            if tls.read_tls(&mut self.stream)? == 0 {
+                return Ok(0);
+            }
+            if let Err(e) = tls.process_new_packets() {
+                // Send the alert that explains it, then fail.
+                let _ = tls.write_tls(&mut self.stream);
+                return Err(io::Error::other(super::tls::describe(&e)));
+            }
+            // Handshake messages, alerts, key updates.
+            while tls.wants_write() {
+                match tls.write_tls(&mut self.stream) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+
+    /// Writes pending TLS records to the socket until it would block.
+    fn flush_tls(&mut self) -> io::Result<()> {
+        let Some(tls) = self.tls.as_mut() else { return Ok(()) };
+        while tls.wants_write() {
+            match tls.write_tls(&mut self.stream) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes plaintext: to the socket, or into TLS (which takes what fits
+    /// its buffer) followed by as many records as the socket accepts.
+    fn write_plain(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.tls.is_none() {
+            return self.stream.write(data);
+        }
+        self.flush_tls()?;
+        let Some(tls) = self.tls.as_mut() else { return Ok(0) };
+        if tls.wants_write() {
+            // The socket is full; the writable event brings us back.
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let n = tls.writer().write(data)?;
+        self.flush_tls()?;
+        if n == 0 {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    }
 }
 
 struct Worker {
     index: usize,
     shard: Shard,
     upstream: String,
+    upstream_tls: UpstreamTls,
     resolved: Option<(Instant, Vec<SocketAddr>)>,
     registry: Registry,
     shared: Arc<Shared>,
@@ -117,21 +201,15 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(
-        index: usize,
-        settings: Settings,
-        upstream: String,
-        registry: Registry,
-        shared: Arc<Shared>,
-        control: Arc<Control>,
-    ) -> Self {
+    fn new(setup: Setup, control: Arc<Control>) -> Self {
         Worker {
-            index,
-            shard: Shard::new(settings, Instant::now()),
-            upstream,
+            index: setup.index,
+            shard: Shard::new(setup.settings, Instant::now()),
+            upstream: setup.upstream,
+            upstream_tls: setup.upstream_tls,
             resolved: None,
-            registry,
-            shared,
+            registry: setup.registry,
+            shared: setup.shared,
             clients: Vec::new(),
             upstreams: Vec::new(),
             scratch: vec![0; SCRATCH_SIZE],
@@ -261,7 +339,7 @@ impl Worker {
 
     fn handle(&mut self, msg: WorkerMsg) {
         match msg {
-            WorkerMsg::Accept(stream, peer) => self.accept(stream, peer),
+            WorkerMsg::Accept(stream, peer, tls) => self.accept(stream, peer, tls),
             WorkerMsg::Ready(t, ready) => {
                 let conn = token::decode(t);
                 let Some(sock) = self.socket(conn) else {
@@ -283,7 +361,7 @@ impl Worker {
         }
     }
 
-    fn accept(&mut self, mut stream: TcpStream, peer: SocketAddr) {
+    fn accept(&mut self, mut stream: TcpStream, peer: SocketAddr, tls: Option<Arc<rustls::ServerConfig>>) {
         let id = self
             .shard
             .client_connected(peer.to_string(), Instant::now());
@@ -300,14 +378,20 @@ impl Worker {
                 .fetch_sub(1, Ordering::Relaxed);
             return;
         }
-        put(
-            &mut self.clients,
-            id.0.index,
-            Socket {
-                stream,
-                connecting: false,
-            },
-        );
+        let mut sock = Socket::plain(stream, false);
+        if let Some(config) = tls {
+            match rustls::ServerConnection::new(config) {
+                Ok(session) => sock.tls = Some(Box::new(session.into())),
+                Err(e) => {
+                    log::warn!("client {peer}: cannot start TLS: {e}");
+                    let _ = self.registry.deregister(&mut sock.stream);
+                    self.shard.client_gone(id, Instant::now());
+                    self.shared.client_connections.fetch_sub(1, Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
+        put(&mut self.clients, id.0.index, sock);
         // Bytes may already be waiting; the edge may have fired before the
         // registration, so read now.
         self.read(ConnRef::Client(id));
@@ -343,7 +427,7 @@ impl Worker {
             }
             let mut scratch = std::mem::take(&mut self.scratch);
             let result = match self.socket(conn) {
-                Some(sock) => sock.stream.read(&mut scratch),
+                Some(sock) => sock.read_plain(&mut scratch),
                 None => {
                     self.scratch = scratch;
                     return;
@@ -400,7 +484,7 @@ impl Worker {
             if sock.connecting {
                 return;
             }
-            match sock.stream.write(out) {
+            match sock.write_plain(out) {
                 Ok(0) => return,
                 Ok(n) => {
                     match conn {
@@ -489,14 +573,18 @@ impl Worker {
             self.shard.upstream_gone(id, &e.to_string(), Instant::now());
             return;
         }
-        put(
-            &mut self.upstreams,
-            id.0.index,
-            Socket {
-                stream,
-                connecting: true,
-            },
-        );
+        let mut sock = Socket::plain(stream, true);
+        if let Some((config, name)) = &self.upstream_tls {
+            match rustls::ClientConnection::new(config.clone(), name.clone()) {
+                Ok(session) => sock.tls = Some(Box::new(session.into())),
+                Err(e) => {
+                    let _ = self.registry.deregister(&mut sock.stream);
+                    self.shard.upstream_gone(id, &format!("cannot start TLS: {e}"), Instant::now());
+                    return;
+                }
+            }
+        }
+        put(&mut self.upstreams, id.0.index, sock);
     }
 
     fn check_connect(&mut self, id: UpstreamId) {
