@@ -183,22 +183,22 @@ impl Shard {
         let Some(u) = self.upstreams.get(id.0) else {
             return;
         };
-        let (code, text) = if u.state == UpstreamState::Connecting {
-            (
+        let name = &self.settings.upstream_name;
+        let (code, text) = match u.state {
+            UpstreamState::Connecting => (
                 reply::INTERNAL_ERROR,
-                format!(
-                    "INTERNAL_ERROR - upstream broker {} unreachable: {reason}",
-                    self.settings.upstream_name
-                ),
-            )
-        } else {
-            (
+                format!("INTERNAL_ERROR - upstream broker {name} unreachable: {reason}"),
+            ),
+            // TCP is up but the connection never opened: TLS verification,
+            // a broker that drops the handshake...
+            UpstreamState::ExpectStart | UpstreamState::ExpectTune | UpstreamState::ExpectOpenOk => (
+                reply::INTERNAL_ERROR,
+                format!("INTERNAL_ERROR - connection to upstream broker {name} failed: {reason}"),
+            ),
+            UpstreamState::Open | UpstreamState::ExpectCloseOk => (
                 reply::CONNECTION_FORCED,
-                format!(
-                    "CONNECTION_FORCED - upstream connection to {} lost: {reason}",
-                    self.settings.upstream_name
-                ),
-            )
+                format!("CONNECTION_FORCED - upstream connection to {name} lost: {reason}"),
+            ),
         };
         if u.state != UpstreamState::ExpectCloseOk {
             log::warn!("upstream {}: {text}", self.settings.upstream_name);
