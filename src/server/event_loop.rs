@@ -33,6 +33,8 @@ const SHUTDOWN_CHECK: Duration = Duration::from_millis(50);
 pub struct EventLoop {
     poll: Poll,
     listeners: Vec<mio::net::TcpListener>,
+    /// Per listener: its TLS configuration when it is a TLS listener.
+    listener_tls: Vec<Option<Arc<rustls::ServerConfig>>>,
     workers: Vec<WorkerHandle>,
     /// Per worker: events that did not fit its queue, merged by token.
     backlog: Vec<HashMap<Token, Ready>>,
@@ -48,13 +50,14 @@ pub struct EventLoop {
 
 impl EventLoop {
     pub fn new(
-        mut listeners: Vec<mio::net::TcpListener>,
+        listeners: Vec<(mio::net::TcpListener, Option<Arc<rustls::ServerConfig>>)>,
         shared: Arc<Shared>,
         lifecycle: Lifecycle,
     ) -> io::Result<Self> {
         let poll = Poll::new()?;
         let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
         poll.registry().register(&mut signals, token::SIGNALS, Interest::READABLE)?;
+        let (mut listeners, listener_tls): (Vec<_>, Vec<_>) = listeners.into_iter().unzip();
         for (i, l) in listeners.iter_mut().enumerate() {
             poll.registry()
                 .register(l, token::listener(i), Interest::READABLE)?;
@@ -64,6 +67,7 @@ impl EventLoop {
         Ok(EventLoop {
             poll,
             listeners,
+            listener_tls,
             workers: Vec::new(),
             backlog: Vec::new(),
             shared,
@@ -146,6 +150,7 @@ impl EventLoop {
             let _ = self.poll.registry().deregister(l);
         }
         self.listeners.clear();
+        self.listener_tls.clear();
         self.accept_pending.clear();
     }
 
@@ -208,7 +213,7 @@ impl EventLoop {
                         .fetch_add(1, Ordering::Relaxed);
                     let w = self.next_worker % self.workers.len().max(1);
                     self.next_worker = self.next_worker.wrapping_add(1);
-                    match self.workers[w].send(WorkerMsg::Accept(stream, peer, None)) {
+                    match self.workers[w].send(WorkerMsg::Accept(stream, peer, self.listener_tls[i].clone())) {
                         Ok(()) => {}
                         Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                             // Dropping the stream closes it; the client may retry.

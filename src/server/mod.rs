@@ -56,16 +56,27 @@ pub fn upstream_tls_settings(_config: &Config) -> tls::UpstreamTls {
     tls::UpstreamTls::default()
 }
 
+/// The TLS listener's port and files, when one is configured.
+pub fn listener_tls_settings(_config: &Config) -> Option<(u16, tls::ListenerTls)> {
+    None
+}
+
 /// Binds the listeners, starts the workers and runs the event loop on the
 /// calling thread until it fails.
 pub fn run(config: Config, reload: lifecycle::Reload) -> io::Result<()> {
-    let listeners = net::bind_listeners(
-        &config.listen_address,
-        config.listen_port,
-        config.listen_backlog,
-    )?;
-    for l in &listeners {
+    let mut listeners: Vec<_> = net::bind_listeners(&config.listen_address, config.listen_port, config.listen_backlog)?
+        .into_iter()
+        .map(|l| (l, None))
+        .collect();
+    for (l, _) in &listeners {
         log::info!("listening on {}", l.local_addr()?);
+    }
+    if let Some((port, tls)) = listener_tls_settings(&config) {
+        let server = tls::listener_config(&tls).map_err(io::Error::other)?;
+        for l in net::bind_listeners(&config.listen_address, port, config.listen_backlog)? {
+            log::info!("listening for TLS on {}", l.local_addr()?);
+            listeners.push((l, Some(server.clone())));
+        }
     }
     log::info!("upstream {}", config.upstream);
     let workers = config.workers.clamp(1, token::MAX_WORKERS);
