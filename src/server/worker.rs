@@ -99,6 +99,9 @@ pub fn spawn(setup: Setup) -> io::Result<WorkerHandle> {
 }
 
 struct Socket {
+    /// The connection this socket belongs to, generation included: a slot
+    /// index is reused, so every lookup checks the whole key.
+    conn: ConnRef,
     stream: TcpStream,
     /// Upstream TCP connect still in progress.
     connecting: bool,
@@ -107,8 +110,8 @@ struct Socket {
 }
 
 impl Socket {
-    fn plain(stream: TcpStream, connecting: bool) -> Self {
-        Socket { stream, connecting, tls: None }
+    fn plain(conn: ConnRef, stream: TcpStream, connecting: bool) -> Self {
+        Socket { conn, stream, connecting, tls: None }
     }
 
     /// Reads plaintext: straight from the socket, or through TLS (reading
@@ -378,7 +381,7 @@ impl Worker {
                 .fetch_sub(1, Ordering::Relaxed);
             return;
         }
-        let mut sock = Socket::plain(stream, false);
+        let mut sock = Socket::plain(ConnRef::Client(id), stream, false);
         if let Some(config) = tls {
             match rustls::ServerConnection::new(config) {
                 Ok(session) => sock.tls = Some(Box::new(session.into())),
@@ -397,17 +400,13 @@ impl Worker {
         self.read(ConnRef::Client(id));
     }
 
+    fn slot(&mut self, conn: ConnRef) -> Option<&mut Option<Socket>> {
+        slot_in(&mut self.clients, &mut self.upstreams, conn)
+    }
+
     fn socket(&mut self, conn: ConnRef) -> Option<&mut Socket> {
-        match conn {
-            ConnRef::Client(id) => {
-                self.shard_has(conn)?;
-                self.clients.get_mut(id.0.index as usize)?.as_mut()
-            }
-            ConnRef::Upstream(id) => {
-                self.shard_has(conn)?;
-                self.upstreams.get_mut(id.0.index as usize)?.as_mut()
-            }
-        }
+        self.shard_has(conn)?;
+        self.slot(conn)?.as_mut()
     }
 
     /// The token names the shard's current occupant of that slot.
@@ -476,11 +475,9 @@ impl Worker {
             if out.is_empty() {
                 return;
             }
-            let sock = match conn {
-                ConnRef::Client(id) => self.clients.get_mut(id.0.index as usize),
-                ConnRef::Upstream(id) => self.upstreams.get_mut(id.0.index as usize),
+            let Some(Some(sock)) = slot_in(&mut self.clients, &mut self.upstreams, conn) else {
+                return;
             };
-            let Some(Some(sock)) = sock else { return };
             if sock.connecting {
                 return;
             }
@@ -514,11 +511,7 @@ impl Worker {
     }
 
     fn close_socket(&mut self, conn: ConnRef) {
-        let slot = match conn {
-            ConnRef::Client(id) => self.clients.get_mut(id.0.index as usize),
-            ConnRef::Upstream(id) => self.upstreams.get_mut(id.0.index as usize),
-        };
-        if let Some(mut sock) = slot.and_then(|s| s.take()) {
+        if let Some(mut sock) = self.slot(conn).and_then(|s| s.take()) {
             let _ = self.registry.deregister(&mut sock.stream);
             if matches!(conn, ConnRef::Client(_)) {
                 self.shared
@@ -573,7 +566,7 @@ impl Worker {
             self.shard.upstream_gone(id, &e.to_string(), Instant::now());
             return;
         }
-        let mut sock = Socket::plain(stream, true);
+        let mut sock = Socket::plain(ConnRef::Upstream(id), stream, true);
         if let Some((config, name)) = &self.upstream_tls {
             match rustls::ClientConnection::new(config.clone(), name.clone()) {
                 Ok(session) => sock.tls = Some(Box::new(session.into())),
@@ -588,7 +581,7 @@ impl Worker {
     }
 
     fn check_connect(&mut self, id: UpstreamId) {
-        let Some(Some(sock)) = self.upstreams.get_mut(id.0.index as usize) else {
+        let Some(Some(sock)) = self.slot(ConnRef::Upstream(id)) else {
             return;
         };
         let status = match sock.stream.take_error() {
@@ -614,6 +607,20 @@ impl Worker {
             }
         }
     }
+}
+
+/// The socket of exactly this connection (not a later occupant of its slot
+/// index), if it is still open.
+fn slot_in<'a>(
+    clients: &'a mut [Option<Socket>],
+    upstreams: &'a mut [Option<Socket>],
+    conn: ConnRef,
+) -> Option<&'a mut Option<Socket>> {
+    let slot = match conn {
+        ConnRef::Client(id) => clients.get_mut(id.0.index as usize)?,
+        ConnRef::Upstream(id) => upstreams.get_mut(id.0.index as usize)?,
+    };
+    slot.as_ref().is_some_and(|s| s.conn == conn).then_some(slot)
 }
 
 fn put(v: &mut Vec<Option<Socket>>, index: u32, sock: Socket) {
