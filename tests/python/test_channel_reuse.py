@@ -528,7 +528,11 @@ def test_back_to_back_raw_clients_reuse_one_channel(relay, start_proxy, broker, 
     elapsed = time.monotonic() - t0
     opens = r.channel_opens(mark)
     report(request, cycles=n, cycle_ms="%.2f" % (elapsed / n * 1000), relay_channel_opens=opens)
-    assert opens <= HANDFUL, "%d clients made the proxy open %d channels on the broker" % (n, opens)
+    # A raw client's whole life can be shorter than the fence round trip of
+    # the client before it, so here the idle pool grows until it covers that
+    # round trip (a few dozen on a loaded machine); max_idle_channels (64 by
+    # default) bounds it. Without reuse this would be 1,000.
+    assert opens <= 64, "%d clients made the proxy open %d channels on the broker" % (n, opens)
     queue_has(admin, q, n)
     assert sorted(admin.drain(q)) == sorted(b"raw %d" % i for i in range(n))
     holder.close()
