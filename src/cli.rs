@@ -96,16 +96,38 @@ pub struct Cli {
     pub client_buffer_limit: Option<String>,
     #[arg(long, value_name = "LIST")]
     pub exchange_types: Option<String>,
+    #[arg(long, value_name = "FILE")]
+    pub upstream_ca_file: Option<String>,
+    #[arg(long, value_name = "FILE")]
+    pub upstream_tls_cert: Option<String>,
+    #[arg(long, value_name = "FILE")]
+    pub upstream_tls_key: Option<String>,
+    #[arg(long, value_name = "NAME")]
+    pub upstream_tls_server_name: Option<String>,
+    /// Do not verify the broker's certificate or host name (upstream_tls_insecure = true) [env: UPSTREAM_TLS_INSECURE]
+    #[arg(id = "upstream_tls_insecure", long = "upstream-tls-insecure")]
+    pub upstream_tls_insecure: bool,
+    #[arg(id = "tls_listen_port", long = "tls-port", value_name = "PORT")]
+    pub tls_listen_port: Option<String>,
+    #[arg(id = "tls_cert_file", long = "tls-cert", value_name = "FILE")]
+    pub tls_cert_file: Option<String>,
+    #[arg(id = "tls_key_file", long = "tls-key", value_name = "FILE")]
+    pub tls_key_file: Option<String>,
+    #[arg(id = "tls_client_ca_file", long = "tls-client-ca", value_name = "FILE")]
+    pub tls_client_ca_file: Option<String>,
     #[arg(long, value_name = "THREADS")]
     pub workers: Option<String>,
     /// Print the version and exit
     #[arg(short = 'v', long)]
     pub version: bool,
+    /// Check a running amqproxy instead of starting one: GET /healthz on the HTTP address and port these settings give; exit 0 on 200, 1 otherwise
+    #[arg(long)]
+    pub health_check: bool,
 }
 
 impl Cli {
     /// Every option that carries a setting's value, by config-file key.
-    fn values(&self) -> [(&'static str, Option<&str>); 23] {
+    fn values(&self) -> [(&'static str, Option<&str>); 31] {
         [
             ("upstream", self.upstream.as_deref()),
             ("listen_address", self.listen_address.as_deref()),
@@ -144,6 +166,14 @@ impl Cli {
             ("idle_channel_timeout", self.idle_channel_timeout.as_deref()),
             ("client_buffer_limit", self.client_buffer_limit.as_deref()),
             ("exchange_types", self.exchange_types.as_deref()),
+            ("upstream_ca_file", self.upstream_ca_file.as_deref()),
+            ("upstream_tls_cert", self.upstream_tls_cert.as_deref()),
+            ("upstream_tls_key", self.upstream_tls_key.as_deref()),
+            ("upstream_tls_server_name", self.upstream_tls_server_name.as_deref()),
+            ("tls_listen_port", self.tls_listen_port.as_deref()),
+            ("tls_cert_file", self.tls_cert_file.as_deref()),
+            ("tls_key_file", self.tls_key_file.as_deref()),
+            ("tls_client_ca_file", self.tls_client_ca_file.as_deref()),
             ("workers", self.workers.as_deref()),
         ]
     }
@@ -202,6 +232,8 @@ pub struct CliSettings {
     pub config_file: Option<PathBuf>,
     /// Settings given on the command line, keyed by config-file key.
     pub settings: toml::Table,
+    /// `--health-check`: probe a running proxy's /healthz, start nothing.
+    pub health_check: bool,
 }
 
 /// Parses the command line (including the program name).
@@ -234,9 +266,13 @@ pub fn parse(args: Vec<OsString>) -> Result<Parsed, ConfigError> {
     if cli.no_channel_reuse {
         settings.insert("channel_reuse".to_string(), toml::Value::Boolean(false));
     }
+    if cli.upstream_tls_insecure {
+        settings.insert("upstream_tls_insecure".to_string(), toml::Value::Boolean(true));
+    }
     Ok(Parsed::Run(CliSettings {
         config_file: cli.config,
         settings,
+        health_check: cli.health_check,
     }))
 }
 
@@ -440,6 +476,18 @@ mod tests {
         };
         assert!(cli.settings.is_empty());
         assert_eq!(cli.config_file, None);
+        assert!(!cli.health_check);
+    }
+
+    #[test]
+    fn health_check_is_a_mode_not_a_setting() {
+        let Ok(Parsed::Run(cli)) = parse_list(&["--health-check", "-b", "8080"]) else {
+            panic!("--health-check is valid")
+        };
+        assert!(cli.health_check);
+        assert_eq!(cli.settings.get("http_port"), Some(&toml::Value::Integer(8080)));
+        assert_eq!(cli.settings.len(), 1);
+        assert!(help().contains("--health-check"));
     }
 
     #[test]

@@ -112,10 +112,25 @@ pub struct Config {
     /// Exchange types of broker plugins that clients may declare, without
     /// the built-ins; trimmed, without duplicates, in the order given.
     pub exchange_types: Vec<String>,
+    /// TLS towards the broker (used with an amqps:// upstream).
+    pub upstream_ca_file: Option<PathBuf>,
+    pub upstream_tls_cert: Option<PathBuf>,
+    pub upstream_tls_key: Option<PathBuf>,
+    pub upstream_tls_server_name: Option<String>,
+    pub upstream_tls_insecure: bool,
+    /// TLS listener for clients; 0 = none.
+    pub tls_listen_port: u16,
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    pub tls_client_ca_file: Option<PathBuf>,
     /// Already resolved: never 0.
     pub workers: usize,
     /// Where the file settings came from; kept so SIGHUP can re-read it.
     pub config_file: Option<PathBuf>,
+    /// `--health-check`: probe the running proxy's `/healthz` on
+    /// `http_address:http_port` instead of starting one. `upstream` is then
+    /// not required and, when no source gives one, a placeholder.
+    pub health_check: bool,
 }
 
 impl Config {
@@ -148,8 +163,18 @@ impl Config {
                 .iter()
                 .map(|name| name.to_string())
                 .collect(),
+            upstream_ca_file: None,
+            upstream_tls_cert: None,
+            upstream_tls_key: None,
+            upstream_tls_server_name: None,
+            upstream_tls_insecure: false,
+            tls_listen_port: 0,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_client_ca_file: None,
             workers: resolve_workers(DEFAULT_WORKERS),
             config_file: None,
+            health_check: false,
         }
     }
 }
@@ -192,12 +217,23 @@ pub struct FileConfig {
     pub idle_channel_timeout: Option<u64>,
     pub client_buffer_limit: Option<usize>,
     pub exchange_types: Option<Vec<String>>,
+    pub upstream_ca_file: Option<String>,
+    pub upstream_tls_cert: Option<String>,
+    pub upstream_tls_key: Option<String>,
+    pub upstream_tls_server_name: Option<String>,
+    pub upstream_tls_insecure: Option<bool>,
+    pub tls_listen_port: Option<u16>,
+    pub tls_cert_file: Option<String>,
+    pub tls_key_file: Option<String>,
+    pub tls_client_ca_file: Option<String>,
     pub workers: Option<usize>,
 }
 
 /// What values a setting takes; drives validation and error messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
+    /// A file path (non-empty).
+    Path,
     /// A host name or IP address to listen on.
     Host,
     /// An `amqp://` or `amqps://` URL.
@@ -239,6 +275,7 @@ impl Kind {
     fn expected(self) -> String {
         match self {
             Kind::Host => "a host name or IP address".to_string(),
+            Kind::Path => "a file path".to_string(),
             Kind::Url => "an amqp:// or amqps:// URL".to_string(),
             Kind::LogLevel => "one of off, error, warn, info, debug, trace".to_string(),
             Kind::Bool => "true or false".to_string(),
@@ -332,6 +369,15 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc { key: "max_idle_channels", long: Some("max-idle-channels"), env: Some("MAX_IDLE_CHANNELS"), kind: count(0, u32::MAX as u64), default: Some("64"), help: "Reusable idle channels kept per pool" },
     KeyDoc { key: "idle_channel_timeout", long: Some("idle-channel-timeout"), env: Some("IDLE_CHANNEL_TIMEOUT"), kind: seconds(0, MAX_DURATION_SECS), default: Some("30"), help: "Seconds a reusable idle channel stays open" },
     KeyDoc { key: "client_buffer_limit", long: Some("client-buffer-limit"), env: Some("CLIENT_BUFFER_LIMIT"), kind: Kind::Int { min: MIN_FRAME_MAX as u64, max: MAX_CLIENT_BUFFER_LIMIT, unit: Unit::Bytes }, default: Some("16777216"), help: "Bytes buffered for one slow client before it is disconnected" },
+    KeyDoc { key: "upstream_ca_file", long: Some("upstream-ca-file"), env: Some("UPSTREAM_CA_FILE"), kind: Kind::Path, default: None, help: "CA certificates (PEM) to verify an amqps:// broker with, instead of the system trust store" },
+    KeyDoc { key: "upstream_tls_cert", long: Some("upstream-tls-cert"), env: Some("UPSTREAM_TLS_CERT"), kind: Kind::Path, default: None, help: "Client certificate chain (PEM) for mutual TLS with the broker; needs upstream_tls_key" },
+    KeyDoc { key: "upstream_tls_key", long: Some("upstream-tls-key"), env: Some("UPSTREAM_TLS_KEY"), kind: Kind::Path, default: None, help: "Private key (PEM) of upstream_tls_cert" },
+    KeyDoc { key: "upstream_tls_server_name", long: Some("upstream-tls-server-name"), env: Some("UPSTREAM_TLS_SERVER_NAME"), kind: Kind::Host, default: None, help: "Name to send in SNI and verify in the broker's certificate, instead of the URL's host" },
+    KeyDoc { key: "upstream_tls_insecure", long: Some("upstream-tls-insecure"), env: Some("UPSTREAM_TLS_INSECURE"), kind: Kind::Bool, default: Some("false"), help: "Do not verify the broker's certificate or host name (logs a warning)" },
+    KeyDoc { key: "tls_listen_port", long: Some("tls-port"), env: Some("TLS_LISTEN_PORT"), kind: Kind::Int { min: 0, max: 65535, unit: Unit::Port }, default: Some("0"), help: "Port of the TLS (amqps) listener for clients, on listen_address; 0 = none" },
+    KeyDoc { key: "tls_cert_file", long: Some("tls-cert"), env: Some("TLS_CERT_FILE"), kind: Kind::Path, default: None, help: "Certificate chain (PEM) of the TLS listener" },
+    KeyDoc { key: "tls_key_file", long: Some("tls-key"), env: Some("TLS_KEY_FILE"), kind: Kind::Path, default: None, help: "Private key (PEM) of the TLS listener" },
+    KeyDoc { key: "tls_client_ca_file", long: Some("tls-client-ca"), env: Some("TLS_CLIENT_CA_FILE"), kind: Kind::Path, default: None, help: "CA certificates (PEM): when set, TLS clients must present a certificate they signed" },
     KeyDoc { key: "exchange_types", long: Some("exchange-types"), env: Some("EXCHANGE_TYPES"), kind: Kind::Names, default: Some("[]"), help: "Exchange types of broker plugins clients may declare, comma-separated (built-ins always allowed)" },
     KeyDoc { key: "workers", long: Some("workers"), env: Some("WORKERS"), kind: count(0, MAX_WORKERS), default: Some("0"), help: "Worker threads (0: one per CPU)" },
 ];
@@ -534,8 +580,21 @@ pub fn load(
     for layer in &layers {
         check_table(&layer.table, &layer.origin)?;
     }
-    resolve(&layers, config_file).map(Loaded::Run)
+    if cli.health_check && !layers.iter().any(|layer| layer.table.contains_key("upstream")) {
+        // The check only talks HTTP to the running proxy; a config that
+        // leaves the broker to the service's command line still works.
+        layers[0].table.insert(
+            "upstream".to_string(),
+            toml::Value::String(HEALTH_CHECK_UPSTREAM.to_string()),
+        );
+    }
+    let mut config = resolve(&layers, config_file)?;
+    config.health_check = cli.health_check;
+    Ok(Loaded::Run(config))
 }
+
+/// `upstream` of a `--health-check` configuration that names no broker.
+const HEALTH_CHECK_UPSTREAM: &str = "amqp://localhost";
 
 /// Reads and checks a config file on its own (for SIGHUP). To rebuild the
 /// whole [`Config`] with the file's precedence over flags and environment,
@@ -591,7 +650,7 @@ pub(crate) fn text_to_value(
             "false" | "no" | "off" | "0" => Ok(toml::Value::Boolean(false)),
             _ => Err(invalid("true, false, yes, no, on, off, 1 or 0".to_string())),
         },
-        Kind::Host | Kind::Url | Kind::LogLevel => Ok(toml::Value::String(text.to_string())),
+        Kind::Host | Kind::Url | Kind::LogLevel | Kind::Path => Ok(toml::Value::String(text.to_string())),
         // "" is the empty list; "a,,b" has an empty name, refused below.
         Kind::Names if text.is_empty() => Ok(toml::Value::Array(Vec::new())),
         Kind::Names => {
@@ -693,6 +752,7 @@ fn check_value(doc: &KeyDoc, value: &toml::Value, source: Source) -> Result<(), 
             _ => Err(invalid(doc.kind.range())),
         },
         (Kind::Bool, toml::Value::Boolean(_)) => Ok(()),
+        (Kind::Path, toml::Value::String(s)) if !s.trim().is_empty() => Ok(()),
         (Kind::Host, toml::Value::String(s)) => parse_listen_host(s)
             .map(drop)
             .ok_or_else(|| invalid(doc.kind.expected())),
@@ -852,8 +912,18 @@ fn resolve(layers: &[Layer], config_file: Option<PathBuf>) -> Result<Config, Con
                 .map(|name| name.to_string())
                 .collect()
         })),
+        upstream_ca_file: file.upstream_ca_file.map(PathBuf::from),
+        upstream_tls_cert: file.upstream_tls_cert.map(PathBuf::from),
+        upstream_tls_key: file.upstream_tls_key.map(PathBuf::from),
+        upstream_tls_server_name: file.upstream_tls_server_name,
+        upstream_tls_insecure: file.upstream_tls_insecure.unwrap_or(false),
+        tls_listen_port: file.tls_listen_port.unwrap_or(0),
+        tls_cert_file: file.tls_cert_file.map(PathBuf::from),
+        tls_key_file: file.tls_key_file.map(PathBuf::from),
+        tls_client_ca_file: file.tls_client_ca_file.map(PathBuf::from),
         workers: resolve_workers(file.workers.unwrap_or(DEFAULT_WORKERS)),
         config_file,
+        health_check: false,
     };
     if (config.client_buffer_limit as u64) < u64::from(config.frame_max) {
         return Err(ConfigError::BufferBelowFrameMax {
@@ -1716,6 +1786,24 @@ mod tests {
     }
 
     #[test]
+    fn health_check_needs_no_upstream_and_uses_every_source() {
+        let file = TempFile::new("http_port = 8080\n");
+        let config = run(
+            &["--health-check", "-c", file.path()],
+            &[("HTTP_ADDRESS", "127.0.0.2"), ("LISTEN_ADDRESS", "0.0.0.0")],
+        );
+        assert!(config.health_check);
+        assert_eq!((config.http_address.as_str(), config.http_port), ("127.0.0.2", 8080));
+        // A broker that is given is still checked, as a start would.
+        assert!(fail(&["--health-check", "http://broker"], &[]).contains("for upstream"));
+        assert!(!run(&["amqp://broker"], &[]).health_check);
+        assert!(matches!(
+            load(args(&[]), &env_of(&[])),
+            Err(ConfigError::MissingUpstream)
+        ));
+    }
+
+    #[test]
     fn load_file_returns_the_file_settings_only() {
         let file = TempFile::new("listen_port = 5\nchannel_reuse = false\n");
         let settings = load_file(&file.0).expect("valid file");
@@ -1769,6 +1857,7 @@ mod tests {
                 Kind::Url => toml::Value::String("amqp://broker".to_string()),
                 Kind::LogLevel => toml::Value::String("info".to_string()),
                 Kind::Host => toml::Value::String("localhost".to_string()),
+                Kind::Path => toml::Value::String("/etc/amqproxy/cert.pem".to_string()),
                 Kind::Names => toml::Value::Array(Vec::new()),
             };
             let mut table = toml::Table::new();

@@ -282,6 +282,20 @@ fn example_config_values_are_the_defaults() {
         Err(error) => panic!("example config with every key uncommented is invalid: {error}"),
     };
     config.config_file = None;
+    // Keys without a default (like `upstream`) show an example value.
+    for doc in KEYS.iter().filter(|d| d.default.is_none()) {
+        match doc.key {
+            "upstream" | "http_address" => {} // compared below; defaults to listen_address
+            "upstream_ca_file" => assert!(config.upstream_ca_file.take().is_some()),
+            "upstream_tls_cert" => assert!(config.upstream_tls_cert.take().is_some()),
+            "upstream_tls_key" => assert!(config.upstream_tls_key.take().is_some()),
+            "upstream_tls_server_name" => assert!(config.upstream_tls_server_name.take().is_some()),
+            "tls_cert_file" => assert!(config.tls_cert_file.take().is_some()),
+            "tls_key_file" => assert!(config.tls_key_file.take().is_some()),
+            "tls_client_ca_file" => assert!(config.tls_client_ca_file.take().is_some()),
+            other => panic!("key {other} has no default: say here what its example shows"),
+        }
+    }
     let upstream = UpstreamUrl {
         tls: false,
         host: "localhost".to_string(),

@@ -52,13 +52,32 @@ pub fn settings_from(config: &Config) -> Settings {
 }
 
 /// The upstream TLS options from the configuration.
-pub fn upstream_tls_settings(_config: &Config) -> tls::UpstreamTls {
-    tls::UpstreamTls::default()
+pub fn upstream_tls_settings(config: &Config) -> tls::UpstreamTls {
+    tls::UpstreamTls {
+        ca_file: config.upstream_ca_file.clone(),
+        cert_file: config.upstream_tls_cert.clone(),
+        key_file: config.upstream_tls_key.clone(),
+        server_name: config.upstream_tls_server_name.clone(),
+        insecure: config.upstream_tls_insecure,
+    }
 }
 
 /// The TLS listener's port and files, when one is configured.
-pub fn listener_tls_settings(_config: &Config) -> Option<(u16, tls::ListenerTls)> {
-    None
+pub fn listener_tls_settings(config: &Config) -> Result<Option<(u16, tls::ListenerTls)>, String> {
+    if config.tls_listen_port == 0 {
+        return Ok(None);
+    }
+    let (Some(cert_file), Some(key_file)) = (&config.tls_cert_file, &config.tls_key_file) else {
+        return Err("tls_listen_port needs tls_cert_file and tls_key_file".into());
+    };
+    Ok(Some((
+        config.tls_listen_port,
+        tls::ListenerTls {
+            cert_file: cert_file.clone(),
+            key_file: key_file.clone(),
+            client_ca_file: config.tls_client_ca_file.clone(),
+        },
+    )))
 }
 
 /// Binds the listeners, starts the workers and runs the event loop on the
@@ -71,7 +90,7 @@ pub fn run(config: Config, reload: lifecycle::Reload) -> io::Result<()> {
     for (l, _) in &listeners {
         log::info!("listening on {}", l.local_addr()?);
     }
-    if let Some((port, tls)) = listener_tls_settings(&config) {
+    if let Some((port, tls)) = listener_tls_settings(&config).map_err(io::Error::other)? {
         let server = tls::listener_config(&tls).map_err(io::Error::other)?;
         for l in net::bind_listeners(&config.listen_address, port, config.listen_backlog)? {
             log::info!("listening for TLS on {}", l.local_addr()?);

@@ -107,11 +107,13 @@ struct Socket {
     connecting: bool,
     /// TLS session over `stream`, for amqps on either side.
     tls: Option<Box<rustls::Connection>>,
+    /// While connecting upstream: the addresses still to try.
+    other_addrs: Vec<SocketAddr>,
 }
 
 impl Socket {
     fn plain(conn: ConnRef, stream: TcpStream, connecting: bool) -> Self {
-        Socket { conn, stream, connecting, tls: None }
+        Socket { conn, stream, connecting, tls: None, other_addrs: Vec::new() }
     }
 
     /// Reads plaintext: straight from the socket, or through TLS (reading
@@ -540,44 +542,61 @@ impl Worker {
     }
 
     fn connect(&mut self, id: UpstreamId) {
-        let result = self.addresses().and_then(|addrs| {
-            let mut last = None;
-            for addr in addrs {
-                match TcpStream::connect(addr) {
-                    Ok(s) => return Ok(s),
-                    Err(e) => last = Some(e),
-                }
-            }
-            Err(last.unwrap_or_else(|| io::Error::other("no address")))
-        });
-        let mut stream = match result {
-            Ok(s) => s,
+        let addrs = match self.addresses() {
+            Ok(addrs) => addrs,
             Err(e) => {
                 self.resolved = None;
                 self.shard.upstream_gone(id, &e.to_string(), Instant::now());
                 return;
             }
         };
-        let t = token::encode(self.index, ConnRef::Upstream(id));
-        if let Err(e) =
-            self.registry
-                .register(&mut stream, t, Interest::READABLE | Interest::WRITABLE)
-        {
-            self.shard.upstream_gone(id, &e.to_string(), Instant::now());
-            return;
-        }
-        let mut sock = Socket::plain(ConnRef::Upstream(id), stream, true);
-        if let Some((config, name)) = &self.upstream_tls {
-            match rustls::ClientConnection::new(config.clone(), name.clone()) {
-                Ok(session) => sock.tls = Some(Box::new(session.into())),
+        let tls = match &self.upstream_tls {
+            Some((config, name)) => match rustls::ClientConnection::new(config.clone(), name.clone()) {
+                Ok(session) => Some(Box::new(session.into())),
                 Err(e) => {
-                    let _ = self.registry.deregister(&mut sock.stream);
                     self.shard.upstream_gone(id, &format!("cannot start TLS: {e}"), Instant::now());
                     return;
                 }
+            },
+            None => None,
+        };
+        self.connect_next(id, addrs, tls, None);
+    }
+
+    /// Starts a non-blocking connect to the first of `addrs`; the rest are
+    /// tried in turn if it fails (e.g. `localhost` resolving to ::1 for a
+    /// broker that listens on 127.0.0.1 only).
+    fn connect_next(
+        &mut self,
+        id: UpstreamId,
+        mut addrs: Vec<SocketAddr>,
+        tls: Option<Box<rustls::Connection>>,
+        last_error: Option<io::Error>,
+    ) {
+        let mut last_error = last_error;
+        while !addrs.is_empty() {
+            let addr = addrs.remove(0);
+            let mut stream = match TcpStream::connect(addr) {
+                Ok(stream) => stream,
+                Err(e) => {
+                    last_error = Some(e);
+                    continue;
+                }
+            };
+            let t = token::encode(self.index, ConnRef::Upstream(id));
+            if let Err(e) = self.registry.register(&mut stream, t, Interest::READABLE | Interest::WRITABLE) {
+                last_error = Some(e);
+                continue;
             }
+            let mut sock = Socket::plain(ConnRef::Upstream(id), stream, true);
+            sock.tls = tls;
+            sock.other_addrs = addrs;
+            put(&mut self.upstreams, id.0.index, sock);
+            return;
         }
-        put(&mut self.upstreams, id.0.index, sock);
+        self.resolved = None;
+        let reason = last_error.map_or_else(|| "no address".to_string(), |e| e.to_string());
+        self.shard.upstream_gone(id, &reason, Instant::now());
     }
 
     fn check_connect(&mut self, id: UpstreamId) {
@@ -602,8 +621,13 @@ impl Worker {
                 self.read(ConnRef::Upstream(id));
             }
             Err(e) => {
-                self.resolved = None;
-                self.gone(ConnRef::Upstream(id), &e.to_string());
+                // Try the next address before giving up.
+                let Some(Some(mut sock)) = self.slot(ConnRef::Upstream(id)).map(|s| s.take()) else {
+                    return;
+                };
+                let _ = self.registry.deregister(&mut sock.stream);
+                let others = std::mem::take(&mut sock.other_addrs);
+                self.connect_next(id, others, sock.tls.take(), Some(e));
             }
         }
     }
