@@ -83,8 +83,27 @@ fn connect(upstream: &str) -> io::Result<SocketAddr> {
     Err(last)
 }
 
+/// Threads answering HTTP requests.
+const HTTP_THREADS: usize = 4;
+
+fn serve(request: tiny_http::Request, metrics: &Metrics, upstream: &str) {
+    let a = answer(request.method(), request.url(), metrics, upstream);
+    let mut response = Response::from_string(a.body).with_status_code(a.status);
+    if let Ok(h) = Header::from_bytes(&b"Content-Type"[..], a.content_type.as_bytes()) {
+        response = response.with_header(h);
+    }
+    if a.status == 405 {
+        if let Ok(h) = Header::from_bytes(&b"Allow"[..], &b"GET"[..]) {
+            response = response.with_header(h);
+        }
+    }
+    if let Err(e) = request.respond(response) {
+        log::debug!("HTTP response failed: {e}");
+    }
+}
+
 /// Binds the HTTP listener (so a port in use fails at start) and serves it
-/// on a thread of its own.
+/// on threads of its own.
 pub fn spawn(address: &str, port: u16, metrics: Arc<Metrics>, upstream: String) -> io::Result<()> {
     let addr = (address, port)
         .to_socket_addrs()?
@@ -93,25 +112,19 @@ pub fn spawn(address: &str, port: u16, metrics: Arc<Metrics>, upstream: String) 
     let server = Server::http(addr)
         .map_err(|e| io::Error::other(format!("cannot listen on {addr} for HTTP: {e}")))?;
     log::info!("HTTP endpoints on http://{addr}/healthz, /readyz, /metrics");
-    std::thread::Builder::new()
-        .name("http".into())
-        .spawn(move || {
+    // A few threads, so /healthz never waits behind a /readyz probing a
+    // silent broker for up to a second.
+    let server = Arc::new(server);
+    for i in 0..HTTP_THREADS {
+        let server = server.clone();
+        let metrics = metrics.clone();
+        let upstream = upstream.clone();
+        std::thread::Builder::new().name(format!("http-{i}")).spawn(move || {
             for request in server.incoming_requests() {
-                let a = answer(request.method(), request.url(), &metrics, &upstream);
-                let mut response = Response::from_string(a.body).with_status_code(a.status);
-                if let Ok(h) = Header::from_bytes(&b"Content-Type"[..], a.content_type.as_bytes()) {
-                    response = response.with_header(h);
-                }
-                if a.status == 405 {
-                    if let Ok(h) = Header::from_bytes(&b"Allow"[..], &b"GET"[..]) {
-                        response = response.with_header(h);
-                    }
-                }
-                if let Err(e) = request.respond(response) {
-                    log::debug!("HTTP response failed: {e}");
-                }
+                serve(request, &metrics, &upstream);
             }
         })?;
+    }
     Ok(())
 }
 

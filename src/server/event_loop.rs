@@ -129,7 +129,11 @@ impl EventLoop {
                     continue;
                 }
                 if let Some(i) = token::listener_index(t) {
-                    self.accept_pending[i] = true;
+                    // After a shutdown signal in the same batch the
+                    // listeners are gone: ignore their late events.
+                    if let Some(pending) = self.accept_pending.get_mut(i) {
+                        *pending = true;
+                    }
                     continue;
                 }
                 self.route(t, ready_of(event));
