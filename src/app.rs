@@ -5,7 +5,8 @@ use crate::config::{self, Loaded};
 use simplelog::{ColorChoice, ConfigBuilder, LevelFilter, TermLogger, TerminalMode, WriteLogger};
 use std::io::IsTerminal;
 
-/// Exit status: 0 clean exit, 1 runtime failure, 2 bad configuration.
+/// Exit status: 0 clean exit, 1 runtime failure, 2 bad configuration;
+/// with `--health-check`, 0 healthy and 1 anything else.
 pub fn main() -> i32 {
     let args: Vec<_> = std::env::args_os().collect();
     let env = |name: &str| std::env::var(name).ok();
