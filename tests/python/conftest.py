@@ -448,3 +448,23 @@ def canary(broker):
     yield start
     for c in made:
         c.stop()
+
+
+class Watcher(threading.Thread):
+    """Runs a client's I/O loop (pika is single-threaded: the watcher owns
+    the connection from now on) and records when and how it was closed."""
+
+    def __init__(self, conn):
+        super().__init__(daemon=True)
+        self.conn = conn
+        self.stop = threading.Event()
+        self.closed_at = None
+        self.error = None
+
+    def run(self):
+        try:
+            while not self.stop.is_set():
+                self.conn.process_data_events(time_limit=0.01)
+        except Exception as e:
+            self.closed_at = time.monotonic()
+            self.error = e

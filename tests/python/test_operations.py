@@ -25,7 +25,7 @@ import pika
 import pytest
 
 from broker import wait_for
-from conftest import BROKER_HOST, BROKER_PORT, PROXY_BIN, Proxy, closed_port, unique
+from conftest import BROKER_HOST, BROKER_PORT, PROXY_BIN, Proxy, Watcher, closed_port, unique
 
 pytestmark = pytest.mark.proxy_only
 
@@ -204,26 +204,6 @@ def round_trip(ch, q, body):
     ch.basic_publish("", q, body)
     got = ch.basic_get(q, auto_ack=True)[2]
     assert got == body, (got, body)
-
-
-class Watcher(threading.Thread):
-    """Runs a client's I/O loop (pika is single-threaded: the watcher owns
-    the connection from now on) and records when and how it was closed."""
-
-    def __init__(self, conn):
-        super().__init__(daemon=True)
-        self.conn = conn
-        self.stop = threading.Event()
-        self.closed_at = None
-        self.error = None
-
-    def run(self):
-        try:
-            while not self.stop.is_set():
-                self.conn.process_data_events(time_limit=0.01)
-        except Exception as e:
-            self.closed_at = time.monotonic()
-            self.error = e
 
 
 def assert_closed_320(err, who="client"):

@@ -2,33 +2,14 @@
 channels on it get Connection.Close (320) within 1 s; clients without a
 channel on it stay up; the next client gets a fresh upstream connection."""
 
-import threading
+
 import time
 
 import pika
 import pytest
 
 from broker import wait_for
-from conftest import DIRECT, unique
-
-
-class Watcher(threading.Thread):
-    """Runs a client's I/O loop and records when and how it was closed."""
-
-    def __init__(self, conn):
-        super().__init__(daemon=True)
-        self.conn = conn
-        self.stop = threading.Event()
-        self.closed_at = None
-        self.error = None
-
-    def run(self):
-        try:
-            while not self.stop.is_set():
-                self.conn.process_data_events(time_limit=0.01)
-        except Exception as e:
-            self.closed_at = time.monotonic()
-            self.error = e
+from conftest import DIRECT, Watcher, unique
 
 
 @pytest.mark.timeout_s(90)

@@ -150,6 +150,19 @@ impl Pair {
         id
     }
 
+    /// A client handshake with a chosen mechanism and TuneOk, up to
+    /// Connection.Open (inclusive); the broker side is the caller's.
+    fn raw_client(&mut self, mechanism: &[u8], response: &[u8], tune: Tune) -> ClientId {
+        let id = self.shard.client_connected("127.0.0.1:9".into(), self.now);
+        self.send_client(id, b"AMQP\x00\x00\x09\x01");
+        let mut bytes = Vec::new();
+        m::put_connection_start_ok(&mut bytes, &FieldTable::default(), mechanism, response);
+        m::put_tune(&mut bytes, true, tune);
+        m::put_connection_open(&mut bytes, b"/");
+        self.send_client(id, &bytes);
+        id
+    }
+
     /// The broker's side of an upstream handshake, checking what the proxy sends.
     fn broker_accepts(&mut self, up: UpstreamId, expect_user: &str, expect_password: &str) {
         self.shard.upstream_connected(up, self.now);
@@ -596,26 +609,15 @@ fn blocked_goes_only_to_clients_that_asked() {
 #[test]
 fn heartbeats_are_sent_to_a_client_that_only_publishes() {
     let mut p = Pair::new(Settings::default());
-    let id = p.shard.client_connected("127.0.0.1:3".into(), p.now);
-    p.send_client(id, b"AMQP\x00\x00\x09\x01");
-    let mut bytes = Vec::new();
-    m::put_connection_start_ok(
-        &mut bytes,
-        &FieldTable::default(),
+    let id = p.raw_client(
         b"PLAIN",
         b"\0guest\0guest",
-    );
-    m::put_tune(
-        &mut bytes,
-        true,
         Tune {
             channel_max: 0,
             frame_max: 0,
             heartbeat: 2,
         },
     );
-    m::put_connection_open(&mut bytes, b"/");
-    p.send_client(id, &bytes);
     let up = p.connects()[0];
     p.broker_accepts(up, "guest", "guest");
     p.client_out(id);
@@ -637,26 +639,20 @@ fn heartbeats_are_sent_to_a_client_that_only_publishes() {
 #[test]
 fn amqplain_login_works() {
     let mut p = Pair::new(Settings::default());
-    let id = p.shard.client_connected("127.0.0.1:4".into(), p.now);
-    p.send_client(id, b"AMQP\x00\x00\x09\x01");
     let mut login = FieldTable::default();
     login.insert("LOGIN", crate::protocol::table::string("guest"));
     login.insert("PASSWORD", crate::protocol::table::string("s3cret"));
     let mut response = Vec::new();
     login.write_body(&mut response);
-    let mut bytes = Vec::new();
-    m::put_connection_start_ok(&mut bytes, &FieldTable::default(), b"AMQPLAIN", &response);
-    m::put_tune(
-        &mut bytes,
-        true,
+    let id = p.raw_client(
+        b"AMQPLAIN",
+        &response,
         Tune {
             channel_max: 0,
             frame_max: 0,
             heartbeat: 0,
         },
     );
-    m::put_connection_open(&mut bytes, b"/");
-    p.send_client(id, &bytes);
     let up = p.connects()[0];
     p.broker_accepts(up, "guest", "s3cret");
     let got = p.client_out(id);
@@ -907,26 +903,15 @@ fn random_input_from_clients_and_the_broker_never_panics() {
 #[test]
 fn channel_open_above_the_negotiated_channel_max_is_530_and_never_forwarded() {
     let mut p = Pair::new(Settings::default());
-    let id = p.shard.client_connected("127.0.0.1:5".into(), p.now);
-    p.send_client(id, b"AMQP\x00\x00\x09\x01");
-    let mut bytes = Vec::new();
-    m::put_connection_start_ok(
-        &mut bytes,
-        &FieldTable::default(),
+    let id = p.raw_client(
         b"PLAIN",
         b"\0guest\0guest",
-    );
-    m::put_tune(
-        &mut bytes,
-        true,
         Tune {
             channel_max: 10,
             frame_max: 0,
             heartbeat: 0,
         },
     );
-    m::put_connection_open(&mut bytes, b"/");
-    p.send_client(id, &bytes);
     let up = p.connects()[0];
     p.broker_accepts(up, "guest", "guest");
     p.client_out(id);
@@ -1500,9 +1485,13 @@ fn shutdown_closes_clients_with_320_then_upstreams_after_their_publishes() {
     let (c, up) = p.connected_client();
     p.open_channel(c, up, 1);
     p.send_client(c, &publish(1, b"q", b"accepted before shutdown"));
-    p.shard.close_all_clients(320, "CONNECTION_FORCED - shutdown", p.now);
+    p.shard
+        .close_all_clients(320, "CONNECTION_FORCED - shutdown", p.now);
     let got = p.client_out(c);
-    assert_eq!(close_of(&got[0]), (320, "CONNECTION_FORCED - shutdown".into()));
+    assert_eq!(
+        close_of(&got[0]),
+        (320, "CONNECTION_FORCED - shutdown".into())
+    );
     let mut ok = Vec::new();
     m::put_close_ok(&mut ok, 0);
     p.send_client(c, &ok);
@@ -1514,11 +1503,20 @@ fn shutdown_closes_clients_with_320_then_upstreams_after_their_publishes() {
     assert_eq!(p.shard.counts().clients, 0);
     p.shard.close_all_upstreams(p.now);
     let sent = p.upstream_out(up);
-    let publish_at = sent.iter().position(|f| f.2 == b"accepted before shutdown").expect("publish flushed");
-    let close_at = sent.iter().position(|f| mid(f) == Some(method::CONNECTION_CLOSE)).expect("upstream closed");
+    let publish_at = sent
+        .iter()
+        .position(|f| f.2 == b"accepted before shutdown")
+        .expect("publish flushed");
+    let close_at = sent
+        .iter()
+        .position(|f| mid(f) == Some(method::CONNECTION_CLOSE))
+        .expect("upstream closed");
     assert!(publish_at < close_at);
     let mut ok = Vec::new();
     m::put_close_ok(&mut ok, 0);
     p.send_upstream(up, &ok);
-    assert_eq!(p.actions(), vec![Action::CloseAfterFlush(ConnRef::Upstream(up))]);
+    assert_eq!(
+        p.actions(),
+        vec![Action::CloseAfterFlush(ConnRef::Upstream(up))]
+    );
 }
