@@ -453,10 +453,11 @@ def test_thousand_short_clients_reuse_a_handful_of_channels(relay, start_proxy, 
     assert r.links == 1, "the proxy made %d upstream connections" % r.links
     assert opens <= HANDFUL, "%d cycles made the proxy open %d channels on the broker" % (n, opens)
     assert open_oks == opens
-    # broker-wide counter: includes whatever else runs on the broker, so only
-    # "far fewer than one per cycle" is asserted on it (the exact count is the relay's)
-    assert opens <= created < n // 10, \
-        "the broker created %d channels during %d cycles (the relay saw %d opens)" % (created, n, opens)
+    # The broker-wide counter includes every other client of the shared
+    # broker (other suites, benchmarks), so it can only bound from below;
+    # the exact count for this proxy is the relay's, asserted above.
+    assert created >= opens, \
+        "the broker created %d channels during %d cycles but the relay saw %d opens" % (created, n, opens)
     if sampler:
         assert samples, "no sample of the broker's channels"
         assert len(pids) <= HANDFUL, "the broker saw %d different channels on the upstream connection" % len(pids)
