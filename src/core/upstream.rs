@@ -11,6 +11,10 @@ use crate::protocol::methods::Tune;
 use crate::protocol::table::{string, FieldTable, FieldValue};
 use std::time::Instant;
 
+/// RabbitMQ's default channel_max, assumed for a connection whose Tune has
+/// not arrived yet.
+pub const ASSUMED_BROKER_CHANNEL_MAX: u16 = 2047;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamState {
     /// TCP connect in progress.
@@ -116,7 +120,15 @@ impl Upstream {
     }
 
     pub fn has_room(&self) -> bool {
-        self.state != UpstreamState::ExpectCloseOk && self.used < self.channel_limit as usize
+        // Until the broker's Tune tells its channel_max, assume RabbitMQ's
+        // default: channels queued beyond it would have to be refused when
+        // the connection opens; instead a further connection takes them.
+        let limit = if self.state == UpstreamState::Open {
+            self.channel_limit
+        } else {
+            self.channel_limit.min(ASSUMED_BROKER_CHANNEL_MAX)
+        };
+        self.state != UpstreamState::ExpectCloseOk && self.used < limit as usize
     }
 
     /// Hands out the lowest free channel number.
@@ -264,6 +276,18 @@ mod tests {
         assert_eq!(u.allocate(slot), None);
         u.free(2, Instant::now());
         assert_eq!(u.allocate(slot), Some(2));
+    }
+
+    #[test]
+    fn a_connecting_upstream_takes_no_more_than_the_assumed_channel_max() {
+        let mut u = upstream(u16::MAX);
+        let slot = Slot { state: SlotState::Pending, owner: None };
+        for _ in 0..ASSUMED_BROKER_CHANNEL_MAX {
+            assert!(u.allocate(slot).is_some());
+        }
+        assert_eq!(u.allocate(slot), None);
+        u.state = UpstreamState::Open;
+        assert!(u.allocate(slot).is_some());
     }
 
     #[test]
