@@ -773,26 +773,6 @@ impl Shard {
         link.publishing = Publishing::Idle;
         let (uid, n) = (link.upstream, link.upstream_channel);
         self.client_send(id, |out| put_close(out, ch, code, text.as_bytes(), failing));
-        let Some(slot) = self.upstreams.get(uid.0).and_then(|u| u.slot(n)) else {
-            return;
-        };
-        if slot.owner != Some((id, ch)) {
-            return;
-        }
-        match slot.state {
-            SlotState::Pending => self.free_slot(uid, n),
-            SlotState::Opening | SlotState::Open => {
-                self.upstream_send(uid, |out| {
-                    put_close(out, n, reply::SUCCESS, b"closed by the proxy", (0, 0))
-                });
-                self.set_slot(uid, n, SlotState::Closing, None);
-            }
-            SlotState::Closing => self.set_slot(uid, n, SlotState::Closing, None),
-            SlotState::Fencing | SlotState::Idle => {}
-            SlotState::BrokerClosing => {
-                self.upstream_send(uid, |out| put_close_ok(out, n));
-                self.free_slot(uid, n);
-            }
-        }
+        self.disown_slot((id, ch), uid, n, false, b"closed by the proxy");
     }
 }

@@ -191,7 +191,9 @@ impl Shard {
             ),
             // TCP is up but the connection never opened: TLS verification,
             // a broker that drops the handshake...
-            UpstreamState::ExpectStart | UpstreamState::ExpectTune | UpstreamState::ExpectOpenOk => (
+            UpstreamState::ExpectStart
+            | UpstreamState::ExpectTune
+            | UpstreamState::ExpectOpenOk => (
                 reply::INTERNAL_ERROR,
                 format!("INTERNAL_ERROR - connection to upstream broker {name} failed: {reason}"),
             ),
@@ -313,7 +315,9 @@ impl Shard {
         self.now = now;
         let ids: Vec<UpstreamId> = self.upstreams.keys().map(UpstreamId).collect();
         for id in ids {
-            let Some(u) = self.upstreams.get(id.0) else { continue };
+            let Some(u) = self.upstreams.get(id.0) else {
+                continue;
+            };
             match u.state {
                 UpstreamState::ExpectCloseOk => {}
                 UpstreamState::Open => {
@@ -322,19 +326,26 @@ impl Shard {
                         p.upstreams.retain(|x| *x != id);
                         p.idle.retain(|i| i.upstream != id);
                     }
-                    self.upstream_send(id, |out| put_close(out, 0, reply::SUCCESS, b"proxy shutting down", (0, 0)));
+                    self.upstream_send(id, |out| {
+                        put_close(out, 0, reply::SUCCESS, b"proxy shutting down", (0, 0))
+                    });
                     if let Some(u) = self.upstreams.get_mut(id.0) {
                         u.state = UpstreamState::ExpectCloseOk;
                         u.deadline = Some(now + super::CLOSE_TIMEOUT);
                     }
                 }
                 _ => {
-                    self.fail_upstream(id, reply::CONNECTION_FORCED, "CONNECTION_FORCED - proxy shutting down");
+                    self.fail_upstream(
+                        id,
+                        reply::CONNECTION_FORCED,
+                        "CONNECTION_FORCED - proxy shutting down",
+                    );
                     if let Some(u) = self.upstreams.get_mut(id.0) {
                         u.state = UpstreamState::ExpectCloseOk;
                         u.deadline = None;
                     }
-                    self.actions.push(Action::CloseAfterFlush(ConnRef::Upstream(id)));
+                    self.actions
+                        .push(Action::CloseAfterFlush(ConnRef::Upstream(id)));
                 }
             }
         }
@@ -457,30 +468,43 @@ impl Shard {
         let links: Vec<_> = c.channels.drain().collect();
         for (ch, link) in links {
             let (uid, n) = (link.upstream, link.upstream_channel);
-            let Some(slot) = self.upstreams.get(uid.0).and_then(|u| u.slot(n)) else {
-                continue;
-            };
-            if slot.owner != Some((id, ch)) {
-                continue;
+            let fence = self.settings.channel_reuse && reuse::reusable(&link);
+            self.disown_slot((id, ch), uid, n, fence, b"client closed the channel");
+        }
+    }
+
+    /// The client side of an upstream channel is finished with it: the
+    /// number goes back (a pending one at once, a broker-closed one with
+    /// the CloseOk it is owed), an open one is closed upstream — or fenced
+    /// for reuse when `fence` — and stays busy until its close handshake
+    /// ends. Nothing happens unless `owner` still owns the slot.
+    fn disown_slot(
+        &mut self,
+        owner: super::upstream::Owner,
+        uid: UpstreamId,
+        n: u16,
+        fence: bool,
+        reason: &[u8],
+    ) {
+        let Some(slot) = self.upstreams.get(uid.0).and_then(|u| u.slot(n)) else {
+            return;
+        };
+        if slot.owner != Some(owner) {
+            return;
+        }
+        match slot.state {
+            SlotState::Pending => self.free_slot(uid, n),
+            SlotState::Open if fence => self.fence(uid, n),
+            SlotState::Opening | SlotState::Open => {
+                self.upstream_send(uid, |out| put_close(out, n, reply::SUCCESS, reason, (0, 0)));
+                self.set_slot(uid, n, SlotState::Closing, None);
             }
-            match slot.state {
-                SlotState::Pending => self.free_slot(uid, n),
-                SlotState::Open if self.settings.channel_reuse && reuse::reusable(&link) => {
-                    self.fence(uid, n)
-                }
-                SlotState::Opening | SlotState::Open => {
-                    self.upstream_send(uid, |out| {
-                        put_close(out, n, reply::SUCCESS, b"client closed the channel", (0, 0))
-                    });
-                    self.set_slot(uid, n, SlotState::Closing, None);
-                }
-                SlotState::Closing => self.set_slot(uid, n, SlotState::Closing, None),
-                // Owned by the proxy, never by a client link.
-                SlotState::Fencing | SlotState::Idle => {}
-                SlotState::BrokerClosing => {
-                    self.upstream_send(uid, |out| put_close_ok(out, n));
-                    self.free_slot(uid, n);
-                }
+            SlotState::Closing => self.set_slot(uid, n, SlotState::Closing, None),
+            // Owned by the proxy, never by a client link.
+            SlotState::Fencing | SlotState::Idle => {}
+            SlotState::BrokerClosing => {
+                self.upstream_send(uid, |out| put_close_ok(out, n));
+                self.free_slot(uid, n);
             }
         }
     }
