@@ -52,7 +52,8 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
 }
 
 fn key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| format!("cannot read a private key from {}: {e}", path.display()))
+    PrivateKeyDer::from_pem_file(path)
+        .map_err(|e| format!("cannot read a private key from {}: {e}", path.display()))
 }
 
 fn roots(ca_file: Option<&Path>) -> Result<RootCertStore, String> {
@@ -60,7 +61,9 @@ fn roots(ca_file: Option<&Path>) -> Result<RootCertStore, String> {
     match ca_file {
         Some(path) => {
             for cert in certs(path)? {
-                roots.add(cert).map_err(|e| format!("bad CA certificate in {}: {e}", path.display()))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("bad CA certificate in {}: {e}", path.display()))?;
             }
         }
         None => {
@@ -70,9 +73,11 @@ fn roots(ca_file: Option<&Path>) -> Result<RootCertStore, String> {
             }
             let (added, _ignored) = roots.add_parsable_certificates(found.certs);
             if added == 0 {
-                return Err("no CA certificates found in the system trust store (/etc/ssl/certs); \
+                return Err(
+                    "no CA certificates found in the system trust store (/etc/ssl/certs); \
                             install ca-certificates or set upstream_ca_file"
-                    .into());
+                        .into(),
+                );
             }
         }
     }
@@ -89,7 +94,9 @@ pub fn upstream_config(tls: &UpstreamTls) -> Result<Arc<ClientConfig>, String> {
             "upstream_tls_insecure is set: the broker's certificate and host name are NOT verified; \
              anyone on the path can read and change the traffic"
         );
-        builder.dangerous().with_custom_certificate_verifier(Arc::new(NoVerification(provider())))
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerification(provider())))
     } else {
         builder.with_root_certificates(roots(tls.ca_file.as_deref())?)
     };
@@ -106,7 +113,8 @@ pub fn upstream_config(tls: &UpstreamTls) -> Result<Arc<ClientConfig>, String> {
 /// The name to verify and send in SNI.
 pub fn server_name(tls: &UpstreamTls, host: &str) -> Result<ServerName<'static>, String> {
     let name = tls.server_name.as_deref().unwrap_or(host);
-    ServerName::try_from(name.to_string()).map_err(|e| format!("invalid TLS server name {name:?}: {e}"))
+    ServerName::try_from(name.to_string())
+        .map_err(|e| format!("invalid TLS server name {name:?}: {e}"))
 }
 
 /// The server configuration for the TLS listener.
@@ -174,7 +182,12 @@ impl ServerCertVerifier for NoVerification {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -183,7 +196,12 @@ impl ServerCertVerifier for NoVerification {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
