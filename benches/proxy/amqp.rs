@@ -288,6 +288,8 @@ impl Login {
 
 pub struct Conn {
     pub stream: TcpStream,
+    /// Set for amqps: every byte goes through it (see `tls.rs`).
+    tls: Option<Box<rustls::ClientConnection>>,
     buf: Vec<u8>,
     head: usize,
     tail: usize,
@@ -300,11 +302,22 @@ pub struct Conn {
 impl Conn {
     /// Connects and runs the handshake up to Connection.OpenOk.
     pub fn open(addr: SocketAddr, login: &Login) -> io::Result<Conn> {
+        Conn::open_with(addr, login, None)
+    }
+
+    /// `open` over TLS (amqps); the TLS handshake runs inside the first
+    /// write and read, as a client library's does.
+    pub fn open_with(
+        addr: SocketAddr,
+        login: &Login,
+        tls: Option<rustls::ClientConnection>,
+    ) -> io::Result<Conn> {
         let stream = TcpStream::connect(addr)?;
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(Duration::from_secs(60)))?;
         let mut c = Conn {
             stream,
+            tls: tls.map(Box::new),
             buf: vec![0; 64 * 1024],
             head: 0,
             tail: 0,
@@ -329,7 +342,14 @@ impl Conn {
     }
 
     pub fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.stream.write_all(bytes)
+        match &mut self.tls {
+            Some(tls) => {
+                let mut s = rustls::Stream::new(tls.as_mut(), &mut self.stream);
+                s.write_all(bytes)?;
+                s.flush()
+            }
+            None => self.stream.write_all(bytes),
+        }
     }
 
     /// One blocking read (unless a complete frame is already buffered),
@@ -358,7 +378,11 @@ impl Conn {
             let n = self.buf.len();
             self.buf.resize(n * 2, 0);
         }
-        let n = self.stream.read(&mut self.buf[self.tail..])?;
+        let into = &mut self.buf[self.tail..];
+        let n = match &mut self.tls {
+            Some(tls) => rustls::Stream::new(tls.as_mut(), &mut self.stream).read(into)?,
+            None => self.stream.read(into)?,
+        };
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,

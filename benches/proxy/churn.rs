@@ -14,6 +14,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 struct Frames {
+    /// amqps: the client side of every cycle speaks TLS with this config.
+    tls: Option<Arc<rustls::ClientConfig>>,
     login: Login,
     channel_open: Vec<u8>,
     publish_and_close: Vec<u8>,
@@ -23,7 +25,11 @@ struct Frames {
 fn cycle(addr: SocketAddr, fr: &Frames) -> io::Result<()> {
     let step =
         |what: &'static str| move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"));
-    let mut c = Conn::open(addr, &fr.login).map_err(step("connection handshake"))?;
+    let tls = match &fr.tls {
+        Some(config) => Some(crate::tls::client(config).map_err(step("tls"))?),
+        None => None,
+    };
+    let mut c = Conn::open_with(addr, &fr.login, tls).map_err(step("connection handshake"))?;
     let port = c.stream.local_addr().map(|a| a.port()).unwrap_or(0);
     let step = |what: &'static str| {
         move |e: io::Error| io::Error::new(e.kind(), format!("client port {port}: {what}: {e}"))
@@ -141,11 +147,14 @@ fn burst(addr: SocketAddr, fr: &Arc<Frames>, n: usize) -> Vec<String> {
         .map(|_| {
             let (fr, barrier) = (fr.clone(), barrier.clone());
             thread::spawn(move || -> io::Result<()> {
-                let opened = Conn::open(addr, &fr.login).and_then(|mut c| {
-                    c.write(&fr.channel_open)?;
-                    c.expect(1, amqp::CHANNEL_OPEN_OK)?;
-                    Ok(c)
-                });
+                let tls = fr.tls.as_ref().map(crate::tls::client).transpose();
+                let opened = tls
+                    .and_then(|tls| Conn::open_with(addr, &fr.login, tls))
+                    .and_then(|mut c| {
+                        c.write(&fr.channel_open)?;
+                        c.expect(1, amqp::CHANNEL_OPEN_OK)?;
+                        Ok(c)
+                    });
                 barrier.wait();
                 let mut c = opened?;
                 c.write(&amqp::channel_close(1))?;
@@ -253,9 +262,9 @@ impl Row {
     }
 }
 
-pub fn scenario(ctx: &mut Ctx) -> io::Result<()> {
-    let o = &ctx.opts;
-    let fr = Arc::new(Frames {
+fn frames(o: &crate::Opts, tls: Option<Arc<rustls::ClientConfig>>) -> Frames {
+    Frames {
+        tls,
         login: Login::new(&o.user, &o.password, &o.vhost, "amqproxy-bench churn"),
         channel_open: amqp::channel_open(1),
         publish_and_close: [
@@ -264,33 +273,142 @@ pub fn scenario(ctx: &mut Ctx) -> io::Result<()> {
         ]
         .concat(),
         connection_close: amqp::connection_close(),
-    });
+    }
+}
+
+/// How the proxy reaches the broker in a scenario.
+struct Upstream<'a> {
+    /// The proxy's upstream URL for the address clients would dial directly.
+    url: &'a dyn Fn(SocketAddr) -> String,
+    /// More proxy arguments (the CA file for amqps).
+    args: Vec<String>,
+}
+
+pub fn scenario(ctx: &mut Ctx) -> io::Result<()> {
+    let fr = Arc::new(frames(&ctx.opts, None));
+    let upstream = Upstream {
+        url: &|a| format!("amqp://{a}"),
+        args: Vec::new(),
+    };
+    let broker = ctx.broker;
+    let rows = measure(ctx, broker, &fr, &fr, &upstream, "direct")?;
+    report(
+        ctx,
+        "churn",
+        "churn: connect, channel, publish 16 B, close (ms per cycle)",
+        &rows,
+    );
+    for r in rows
+        .iter()
+        .filter(|r| r.target == "proxy, reuse" && r.clients == 1 && r.delay_ms > 0)
+    {
+        ctx.targets.push(TargetCheck {
+            name: format!("churn p50 at {} ms RTT, proxy with reuse", 2 * r.delay_ms),
+            target: "≤ 2 ms".into(),
+            measured: format!("{} ms", f(r.stats.p50, 2)),
+            met: Some(r.stats.p50 <= 2.0),
+        });
+    }
+    Ok(())
+}
+
+/// The churn cycle against a broker that clients can reach only over TLS
+/// (amqps, a TLS terminator in front of the broker, behind the delay
+/// relay): direct amqps from the client vs plain AMQP to a local proxy
+/// whose upstream is amqps.
+pub fn amqps_scenario(ctx: &mut Ctx) -> io::Result<()> {
+    let Some(terminator) = crate::tls::Terminator::start(ctx)? else {
+        eprintln!("amqps: skipped, stunnel4 (Debian package stunnel4) is not installed");
+        return Ok(());
+    };
+    let direct = Arc::new(frames(&ctx.opts, Some(terminator.client_config.clone())));
+    let plain = Arc::new(frames(&ctx.opts, None));
+    let upstream = Upstream {
+        // The certificate is for localhost: the proxy verifies it by name.
+        url: &|a| format!("amqps://localhost:{}", a.port()),
+        args: vec![
+            "--upstream-ca-file".into(),
+            terminator.ca_file.display().to_string(),
+        ],
+    };
+    let rows = measure(
+        ctx,
+        terminator.addr,
+        &direct,
+        &plain,
+        &upstream,
+        "direct amqps",
+    )?;
+    drop(terminator);
+    report(
+        ctx,
+        "amqps",
+        "amqps churn: connect, channel, publish 16 B, close (ms per cycle); the broker behind TLS, the proxy's upstream amqps",
+        &rows,
+    );
+    for r in rows
+        .iter()
+        .filter(|r| r.target == "proxy, reuse" && r.clients == 1 && r.delay_ms > 0)
+    {
+        let direct = rows
+            .iter()
+            .find(|d| d.delay_ms == r.delay_ms && d.clients == 1 && d.target == "direct amqps");
+        if let Some(d) = direct {
+            ctx.targets.push(TargetCheck {
+                name: format!(
+                    "amqps churn p50 at {} ms RTT: direct amqps / proxy (amqps upstream)",
+                    2 * r.delay_ms
+                ),
+                target: "proxy faster".into(),
+                measured: format!(
+                    "{} ms / {} ms = {}×",
+                    f(d.stats.p50, 1),
+                    f(r.stats.p50, 2),
+                    f(d.stats.p50 / r.stats.p50, 0)
+                ),
+                met: Some(r.stats.p50 < d.stats.p50),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Every delay: `direct_fr` cycles straight to `target` (through the delay
+/// relay), then proxies with and without reuse in front of it.
+fn measure(
+    ctx: &mut Ctx,
+    target: SocketAddr,
+    direct_fr: &Arc<Frames>,
+    fr: &Arc<Frames>,
+    up: &Upstream<'_>,
+    direct_name: &str,
+) -> io::Result<Vec<Row>> {
     let mut rows: Vec<Row> = Vec::new();
-    let p = o.churn_parallel;
-    for &delay_ms in &o.delays_ms.clone() {
+    let p = ctx.opts.churn_parallel;
+    for &delay_ms in &ctx.opts.delays_ms.clone() {
         let delay = Duration::from_millis(delay_ms);
         let relay = if delay_ms > 0 {
-            Some(Relay::start(ctx.broker, delay)?)
+            Some(Relay::start(target, delay)?)
         } else {
             None
         };
-        let upstream = relay.as_ref().map_or(ctx.broker, |r| r.addr);
+        let upstream = relay.as_ref().map_or(target, |r| r.addr);
         let o = &ctx.opts;
-        eprintln!("churn: delay {delay_ms} ms each way: direct");
+        eprintln!("churn: delay {delay_ms} ms each way: {direct_name}");
         let direct_n = o.churn_direct_cycles;
         rows.push(Row::new(
             delay_ms,
-            "direct",
+            direct_name,
             1,
-            run(upstream, &fr, 1, direct_n)?,
+            run(upstream, direct_fr, 1, direct_n)?,
             None,
         ));
         let per_client = direct_n.div_ceil(p).max(2);
         rows.push(Row::new(
             delay_ms,
-            "direct",
+            direct_name,
             p,
-            run(upstream, &fr, p, per_client)?,
+            run(upstream, direct_fr, p, per_client)?,
             None,
         ));
 
@@ -308,10 +426,11 @@ pub fn scenario(ctx: &mut Ctx) -> io::Result<()> {
         }
         for (reuse, max_idle, name) in variants {
             eprintln!("churn: delay {delay_ms} ms each way: {name}");
-            let args: Vec<String> = max_idle
+            let mut args: Vec<String> = max_idle
                 .map(|m| vec!["--max-idle-channels".into(), m.to_string()])
                 .unwrap_or_default();
-            let proxy = ctx.start_proxy_with(reuse, upstream, &args)?;
+            args.extend(up.args.iter().cloned());
+            let proxy = ctx.start_proxy_url(reuse, &(up.url)(upstream), &args)?;
             let o = &ctx.opts;
             let n = if reuse {
                 o.churn_cycles
@@ -326,25 +445,28 @@ pub fn scenario(ctx: &mut Ctx) -> io::Result<()> {
                 // Warm-up: the upstream connection, and with reuse enough
                 // idle channels to cover the fences in flight.
                 let w = if reuse && delay_ms > 0 {
-                    warm_up(proxy.addr, &fr, clients, rtt, cap, burst_size)?
+                    warm_up(proxy.addr, fr, clients, rtt, cap, burst_size)?
                 } else {
                     warm_up_fixed(
                         proxy.addr,
-                        &fr,
+                        fr,
                         clients,
                         if reuse { warmup_cycles } else { 3 * clients },
                     )?
                 };
-                let t = run(proxy.addr, &fr, clients, n.div_ceil(clients).max(2))?;
+                let t = run(proxy.addr, fr, clients, n.div_ceil(clients).max(2))?;
                 rows.push(Row::new(delay_ms, name.clone(), clients, t, Some(w)));
             }
             drop(proxy);
         }
         drop(relay);
     }
+    Ok(rows)
+}
 
+fn report(ctx: &mut Ctx, key: &str, title: &str, rows: &[Row]) {
     let mut table = Table::new(
-        "churn: connect, channel, publish 16 B, close (ms per cycle)",
+        title,
         &[
             "one-way delay",
             "path",
@@ -361,10 +483,12 @@ pub fn scenario(ctx: &mut Ctx) -> io::Result<()> {
         ],
     );
     let mut json = Vec::new();
-    for r in &rows {
+    for r in rows {
         let direct = rows
             .iter()
-            .find(|d| d.delay_ms == r.delay_ms && d.clients == r.clients && d.target == "direct")
+            .find(|d| {
+                d.delay_ms == r.delay_ms && d.clients == r.clients && d.target.starts_with("direct")
+            })
             .map(|d| d.stats.p50);
         let speedup = direct.map(|d| d / r.stats.p50);
         table.row(vec![
@@ -378,7 +502,7 @@ pub fn scenario(ctx: &mut Ctx) -> io::Result<()> {
             f(r.stats.max, 2),
             f(r.stats.n as f64 / r.wall, 0),
             match speedup {
-                Some(s) if r.target != "direct" => format!("{}× faster", f(s, 1)),
+                Some(s) if !r.target.starts_with("direct") => format!("{}× faster", f(s, 1)),
                 _ => "-".into(),
             },
             r.warmup.as_ref().map_or("-".into(), Warmup::text),
@@ -418,18 +542,5 @@ pub fn scenario(ctx: &mut Ctx) -> io::Result<()> {
     table.note("steady state: measured after the warm-up listed (not included). A channel a client returns is fenced (Basic.Qos → QosOk, one upstream RTT) before the next client may take it, so with reuse the pool must hold about RTT / cycle time channels; the proxy adds one per miss, so a cold proxy converges slowly. The warm-up is a burst of clients holding a channel at once (their channels are kept, up to max_idle_channels per pool), then cycles until a round of at least two RTTs has no slow cycle (≥ RTT/2); at 0 ms delay a fixed number of cycles. A slow cycle in the warm-up opened its channel upstream");
     table.note("the relay holds each chunk for the one-way delay in each direction and holds a new connection's first bytes one extra RTT, as a TCP connect over that link would take");
     ctx.tables.push(table);
-    ctx.results.push(("churn".into(), Json::Arr(json)));
-
-    for r in rows
-        .iter()
-        .filter(|r| r.target == "proxy, reuse" && r.clients == 1 && r.delay_ms > 0)
-    {
-        ctx.targets.push(TargetCheck {
-            name: format!("churn p50 at {} ms RTT, proxy with reuse", 2 * r.delay_ms),
-            target: "≤ 2 ms".into(),
-            measured: format!("{} ms", f(r.stats.p50, 2)),
-            met: Some(r.stats.p50 <= 2.0),
-        });
-    }
-    Ok(())
+    ctx.results.push((key.into(), Json::Arr(json)));
 }

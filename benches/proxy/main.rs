@@ -16,6 +16,7 @@ mod report;
 mod sink;
 mod storm;
 mod throughput;
+mod tls;
 
 use procfs::{Proxy, ProxyOptions};
 use report::{Json, Table};
@@ -24,14 +25,16 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Instant;
 
-const SCENARIOS: [&str; 5] = ["codec", "churn", "throughput", "sink", "storm"];
+const SCENARIOS: [&str; 6] = ["codec", "churn", "amqps", "throughput", "sink", "storm"];
 
 const HELP: &str = "\
 amqproxy load tool
 
 usage: cargo bench --bench proxy [-- [--quick | --full] [SCENARIO...]]
 
-scenarios (default: all, in this order): codec churn throughput sink storm
+scenarios (default: all, in this order): codec churn amqps throughput sink storm
+  amqps: the churn cycle with the broker behind TLS (stunnel4 in front of it):
+         direct amqps vs plain to the proxy with an amqps upstream
   --quick   (default) small sizes, the whole run takes under a minute
   --full    larger sizes and repeated runs, a few minutes
 
@@ -279,6 +282,15 @@ impl Ctx {
         upstream: SocketAddr,
         args: &[String],
     ) -> io::Result<Proxy> {
+        self.start_proxy_url(channel_reuse, &format!("amqp://{upstream}"), args)
+    }
+
+    pub fn start_proxy_url(
+        &self,
+        channel_reuse: bool,
+        upstream: &str,
+        args: &[String],
+    ) -> io::Result<Proxy> {
         let options = ProxyOptions {
             bin: self.proxy.bin.clone(),
             channel_reuse,
@@ -373,6 +385,7 @@ fn run(opts: Opts) -> io::Result<()> {
         let result = match s.as_str() {
             "codec" => codec::scenario(&mut ctx),
             "churn" => churn::scenario(&mut ctx),
+            "amqps" => churn::amqps_scenario(&mut ctx),
             "throughput" => throughput::scenario(&mut ctx),
             "sink" => throughput::sink_scenario(&mut ctx),
             "storm" => storm::scenario(&mut ctx),

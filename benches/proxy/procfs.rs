@@ -231,7 +231,8 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn start(options: &ProxyOptions, upstream: SocketAddr) -> io::Result<Proxy> {
+    /// Starts the proxy in front of `upstream`, a URL (amqp:// or amqps://).
+    pub fn start(options: &ProxyOptions, upstream: &str) -> io::Result<Proxy> {
         let port = free_port()?;
         let http_port = free_port()?;
         let log = fs::OpenOptions::new()
@@ -255,7 +256,7 @@ impl Proxy {
             cmd.args(["--workers", &w.to_string()]);
         }
         cmd.args(&options.extra_args)
-            .arg(format!("amqp://{upstream}"))
+            .arg(upstream)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log));
