@@ -141,10 +141,14 @@ fn skip_value(r: &mut Reader<'_>, depth: usize) -> DecodeResult<()> {
 fn decode_entries(r: &mut Reader<'_>, depth: usize) -> DecodeResult<FieldTable> {
     let mut entries = Vec::new();
     while r.remaining() > 0 {
-        let key = r.shortstr()?;
-        let key = std::str::from_utf8(key).map_err(|_| DecodeError::Invalid("field table key"))?;
+        // Keys are bytes on the wire and RabbitMQ takes any; one that is not
+        // UTF-8 is kept lossily, so decoding accepts exactly what
+        // `validate_table` does. (Refusing it let a table that only failed
+        // to decode slip past the argument checks that decode it, while the
+        // broker read it.)
+        let key = String::from_utf8_lossy(r.shortstr()?).into_owned();
         let value = read_value(r, depth)?;
-        entries.push((key.to_string(), value));
+        entries.push((key, value));
     }
     Ok(FieldTable(entries))
 }
@@ -303,6 +307,23 @@ mod tests {
                 "cut at {cut}"
             );
         }
+    }
+
+    /// Found writing the `table` fuzz target (validate and decode agree):
+    /// a key that is not UTF-8 passed `validate_table` but failed decoding,
+    /// so the argument checks that decode tables (x-max-age, x-queue-type,
+    /// x-stream-offset) skipped a table the broker would read.
+    #[test]
+    fn key_that_is_not_utf8_decodes_as_validate_accepts_it() {
+        let mut body = vec![1, 0xFF, b'V', 9];
+        body.extend_from_slice(b"x-max-age");
+        body.extend_from_slice(&[b'S', 0, 0, 0, 3]);
+        body.extend_from_slice(b"abc");
+        assert_eq!(validate_table(&body), Ok(()));
+        let t = FieldTable::decode_body(&body).unwrap();
+        assert_eq!(t.0.len(), 2);
+        assert_eq!(t.0[0], ("\u{FFFD}".to_string(), FieldValue::Void));
+        assert_eq!(t.string("x-max-age").as_deref(), Some("abc"));
     }
 
     #[test]
