@@ -27,10 +27,12 @@ pub fn main() -> i32 {
     }
     init_logging(config.log_level);
     // SIGHUP re-reads every source with the same arguments and environment.
-    let reload = Box::new(move || match config::load(args.clone(), &|name: &str| std::env::var(name).ok()) {
-        Ok(Loaded::Run(config)) => Ok(config),
-        Ok(Loaded::Exit(_)) => Err("unexpected --help/--version".to_string()),
-        Err(e) => Err(e.to_string()),
+    let reload = Box::new(move || {
+        match config::load(args.clone(), &|name: &str| std::env::var(name).ok()) {
+            Ok(Loaded::Run(config)) => Ok(config),
+            Ok(Loaded::Exit(_)) => Err("unexpected --help/--version".to_string()),
+            Err(e) => Err(e.to_string()),
+        }
     });
     match crate::server::run(config, reload) {
         Ok(()) => 0,
@@ -54,7 +56,12 @@ fn init_logging(level: LevelFilter) {
     // The logger passes everything; the level is the `log` crate's global
     // filter, so SIGHUP can change it.
     if std::io::stderr().is_terminal() {
-        let _ = TermLogger::init(LevelFilter::Trace, config, TerminalMode::Stderr, ColorChoice::Auto);
+        let _ = TermLogger::init(
+            LevelFilter::Trace,
+            config,
+            TerminalMode::Stderr,
+            ColorChoice::Auto,
+        );
     } else {
         let _ = WriteLogger::init(LevelFilter::Trace, config, std::io::stderr());
     }

@@ -94,6 +94,8 @@ pub struct Cli {
     pub idle_channel_timeout: Option<String>,
     #[arg(long, value_name = "BYTES")]
     pub client_buffer_limit: Option<String>,
+    #[arg(long, value_name = "BYTES")]
+    pub client_buffer_budget: Option<String>,
     #[arg(long, value_name = "LIST")]
     pub exchange_types: Option<String>,
     #[arg(long, value_name = "FILE")]
@@ -127,7 +129,7 @@ pub struct Cli {
 
 impl Cli {
     /// Every option that carries a setting's value, by config-file key.
-    fn values(&self) -> [(&'static str, Option<&str>); 31] {
+    fn values(&self) -> [(&'static str, Option<&str>); 32] {
         [
             ("upstream", self.upstream.as_deref()),
             ("listen_address", self.listen_address.as_deref()),
@@ -165,11 +167,15 @@ impl Cli {
             ("max_idle_channels", self.max_idle_channels.as_deref()),
             ("idle_channel_timeout", self.idle_channel_timeout.as_deref()),
             ("client_buffer_limit", self.client_buffer_limit.as_deref()),
+            ("client_buffer_budget", self.client_buffer_budget.as_deref()),
             ("exchange_types", self.exchange_types.as_deref()),
             ("upstream_ca_file", self.upstream_ca_file.as_deref()),
             ("upstream_tls_cert", self.upstream_tls_cert.as_deref()),
             ("upstream_tls_key", self.upstream_tls_key.as_deref()),
-            ("upstream_tls_server_name", self.upstream_tls_server_name.as_deref()),
+            (
+                "upstream_tls_server_name",
+                self.upstream_tls_server_name.as_deref(),
+            ),
             ("tls_listen_port", self.tls_listen_port.as_deref()),
             ("tls_cert_file", self.tls_cert_file.as_deref()),
             ("tls_key_file", self.tls_key_file.as_deref()),
@@ -267,7 +273,10 @@ pub fn parse(args: Vec<OsString>) -> Result<Parsed, ConfigError> {
         settings.insert("channel_reuse".to_string(), toml::Value::Boolean(false));
     }
     if cli.upstream_tls_insecure {
-        settings.insert("upstream_tls_insecure".to_string(), toml::Value::Boolean(true));
+        settings.insert(
+            "upstream_tls_insecure".to_string(),
+            toml::Value::Boolean(true),
+        );
     }
     Ok(Parsed::Run(CliSettings {
         config_file: cli.config,
@@ -485,7 +494,10 @@ mod tests {
             panic!("--health-check is valid")
         };
         assert!(cli.health_check);
-        assert_eq!(cli.settings.get("http_port"), Some(&toml::Value::Integer(8080)));
+        assert_eq!(
+            cli.settings.get("http_port"),
+            Some(&toml::Value::Integer(8080))
+        );
         assert_eq!(cli.settings.len(), 1);
         assert!(help().contains("--health-check"));
     }

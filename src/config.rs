@@ -58,6 +58,8 @@ pub const DEFAULT_CHANNEL_REUSE: bool = true;
 pub const DEFAULT_MAX_IDLE_CHANNELS: u32 = 64;
 pub const DEFAULT_IDLE_CHANNEL_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_CLIENT_BUFFER_LIMIT: usize = 16 * 1024 * 1024;
+/// All clients' output buffers together (memory held, across workers).
+pub const DEFAULT_CLIENT_BUFFER_BUDGET: usize = 256 * 1024 * 1024;
 /// Exchange types clients may declare besides the built-in direct, fanout,
 /// topic and headers (which are always allowed and not listed here).
 pub const DEFAULT_EXCHANGE_TYPES: &[&str] = &[];
@@ -109,6 +111,7 @@ pub struct Config {
     pub max_idle_channels: u32,
     pub idle_channel_timeout: Duration,
     pub client_buffer_limit: usize,
+    pub client_buffer_budget: usize,
     /// Exchange types of broker plugins that clients may declare, without
     /// the built-ins; trimmed, without duplicates, in the order given.
     pub exchange_types: Vec<String>,
@@ -159,6 +162,7 @@ impl Config {
             max_idle_channels: DEFAULT_MAX_IDLE_CHANNELS,
             idle_channel_timeout: DEFAULT_IDLE_CHANNEL_TIMEOUT,
             client_buffer_limit: DEFAULT_CLIENT_BUFFER_LIMIT,
+            client_buffer_budget: DEFAULT_CLIENT_BUFFER_BUDGET,
             exchange_types: DEFAULT_EXCHANGE_TYPES
                 .iter()
                 .map(|name| name.to_string())
@@ -216,6 +220,7 @@ pub struct FileConfig {
     pub max_idle_channels: Option<u32>,
     pub idle_channel_timeout: Option<u64>,
     pub client_buffer_limit: Option<usize>,
+    pub client_buffer_budget: Option<usize>,
     pub exchange_types: Option<Vec<String>>,
     pub upstream_ca_file: Option<String>,
     pub upstream_tls_cert: Option<String>,
@@ -369,6 +374,7 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc { key: "max_idle_channels", long: Some("max-idle-channels"), env: Some("MAX_IDLE_CHANNELS"), kind: count(0, u32::MAX as u64), default: Some("64"), help: "Reusable idle channels kept per pool" },
     KeyDoc { key: "idle_channel_timeout", long: Some("idle-channel-timeout"), env: Some("IDLE_CHANNEL_TIMEOUT"), kind: seconds(0, MAX_DURATION_SECS), default: Some("30"), help: "Seconds a reusable idle channel stays open" },
     KeyDoc { key: "client_buffer_limit", long: Some("client-buffer-limit"), env: Some("CLIENT_BUFFER_LIMIT"), kind: Kind::Int { min: MIN_FRAME_MAX as u64, max: MAX_CLIENT_BUFFER_LIMIT, unit: Unit::Bytes }, default: Some("16777216"), help: "Bytes buffered for one slow client before it is disconnected" },
+    KeyDoc { key: "client_buffer_budget", long: Some("client-buffer-budget"), env: Some("CLIENT_BUFFER_BUDGET"), kind: Kind::Int { min: MIN_FRAME_MAX as u64, max: MAX_CLIENT_BUFFER_LIMIT, unit: Unit::Bytes }, default: Some("268435456"), help: "Bytes of output buffers all clients together may hold; past it the client with the most unsent data is disconnected as a slow consumer" },
     KeyDoc { key: "upstream_ca_file", long: Some("upstream-ca-file"), env: Some("UPSTREAM_CA_FILE"), kind: Kind::Path, default: None, help: "CA certificates (PEM) to verify an amqps:// broker with, instead of the system trust store" },
     KeyDoc { key: "upstream_tls_cert", long: Some("upstream-tls-cert"), env: Some("UPSTREAM_TLS_CERT"), kind: Kind::Path, default: None, help: "Client certificate chain (PEM) for mutual TLS with the broker; needs upstream_tls_key" },
     KeyDoc { key: "upstream_tls_key", long: Some("upstream-tls-key"), env: Some("UPSTREAM_TLS_KEY"), kind: Kind::Path, default: None, help: "Private key (PEM) of upstream_tls_cert" },
@@ -580,7 +586,11 @@ pub fn load(
     for layer in &layers {
         check_table(&layer.table, &layer.origin)?;
     }
-    if cli.health_check && !layers.iter().any(|layer| layer.table.contains_key("upstream")) {
+    if cli.health_check
+        && !layers
+            .iter()
+            .any(|layer| layer.table.contains_key("upstream"))
+    {
         // The check only talks HTTP to the running proxy; a config that
         // leaves the broker to the service's command line still works.
         layers[0].table.insert(
@@ -650,7 +660,9 @@ pub(crate) fn text_to_value(
             "false" | "no" | "off" | "0" => Ok(toml::Value::Boolean(false)),
             _ => Err(invalid("true, false, yes, no, on, off, 1 or 0".to_string())),
         },
-        Kind::Host | Kind::Url | Kind::LogLevel | Kind::Path => Ok(toml::Value::String(text.to_string())),
+        Kind::Host | Kind::Url | Kind::LogLevel | Kind::Path => {
+            Ok(toml::Value::String(text.to_string()))
+        }
         // "" is the empty list; "a,,b" has an empty name, refused below.
         Kind::Names if text.is_empty() => Ok(toml::Value::Array(Vec::new())),
         Kind::Names => {
@@ -906,6 +918,9 @@ fn resolve(layers: &[Layer], config_file: Option<PathBuf>) -> Result<Config, Con
         client_buffer_limit: file
             .client_buffer_limit
             .unwrap_or(DEFAULT_CLIENT_BUFFER_LIMIT),
+        client_buffer_budget: file
+            .client_buffer_budget
+            .unwrap_or(DEFAULT_CLIENT_BUFFER_BUDGET),
         exchange_types: unique_names(file.exchange_types.unwrap_or_else(|| {
             DEFAULT_EXCHANGE_TYPES
                 .iter()
@@ -1793,7 +1808,10 @@ mod tests {
             &[("HTTP_ADDRESS", "127.0.0.2"), ("LISTEN_ADDRESS", "0.0.0.0")],
         );
         assert!(config.health_check);
-        assert_eq!((config.http_address.as_str(), config.http_port), ("127.0.0.2", 8080));
+        assert_eq!(
+            (config.http_address.as_str(), config.http_port),
+            ("127.0.0.2", 8080)
+        );
         // A broker that is given is still checked, as a start would.
         assert!(fail(&["--health-check", "http://broker"], &[]).contains("for upstream"));
         assert!(!run(&["amqp://broker"], &[]).health_check);

@@ -119,11 +119,13 @@ pub fn spawn(address: &str, port: u16, metrics: Arc<Metrics>, upstream: String) 
         let server = server.clone();
         let metrics = metrics.clone();
         let upstream = upstream.clone();
-        std::thread::Builder::new().name(format!("http-{i}")).spawn(move || {
-            for request in server.incoming_requests() {
-                serve(request, &metrics, &upstream);
-            }
-        })?;
+        std::thread::Builder::new()
+            .name(format!("http-{i}"))
+            .spawn(move || {
+                for request in server.incoming_requests() {
+                    serve(request, &metrics, &upstream);
+                }
+            })?;
     }
     Ok(())
 }

@@ -114,6 +114,8 @@ pub struct Metrics {
     pub clients_refused: AtomicU64,
     /// Set once shutdown starts: /healthz answers 503.
     pub shutting_down: AtomicBool,
+    /// Memory of all client output buffers (the shards keep it current).
+    pub client_buffer_bytes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Metrics {
@@ -122,6 +124,7 @@ impl Metrics {
             workers: (0..workers).map(|_| WorkerSlot::default()).collect(),
             clients_refused: AtomicU64::new(0),
             shutting_down: AtomicBool::new(false),
+            client_buffer_bytes: Default::default(),
         }
     }
 
@@ -136,6 +139,7 @@ impl Metrics {
         Snapshot {
             values,
             clients_refused: self.clients_refused.load(Relaxed),
+            client_buffer_bytes: self.client_buffer_bytes.load(Relaxed) as u64,
         }
     }
 }
@@ -144,6 +148,7 @@ impl Metrics {
 pub struct Snapshot {
     values: [u64; SLOTS],
     pub clients_refused: u64,
+    pub client_buffer_bytes: u64,
 }
 
 impl Snapshot {
@@ -178,6 +183,7 @@ pub mod names {
     pub const CHANNEL_REUSE: &str = "amqproxy_channel_reuse_total";
     pub const BACKPRESSURE_PAUSES: &str = "amqproxy_backpressure_pauses_total";
     pub const SLOW_CONSUMERS: &str = "amqproxy_slow_consumer_disconnects_total";
+    pub const CLIENT_BUFFER_BYTES: &str = "amqproxy_client_buffer_bytes";
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -240,6 +246,13 @@ pub fn render(s: &Snapshot, version: &str, commit: &str) -> String {
         family(&mut out, name, "gauge", help);
         sample(&mut out, name, "", s.get(v));
     }
+    family(
+        &mut out,
+        CLIENT_BUFFER_BYTES,
+        "gauge",
+        "Memory held by client output buffers, all workers (see client_buffer_budget).",
+    );
+    sample(&mut out, CLIENT_BUFFER_BYTES, "", s.client_buffer_bytes);
     family(
         &mut out,
         FRAMES_RECEIVED,
@@ -391,7 +404,7 @@ pub fn render(s: &Snapshot, version: &str, commit: &str) -> String {
         &mut out,
         SLOW_CONSUMERS,
         "counter",
-        "Clients closed with 506 because their output buffer passed client_buffer_limit.",
+        "Clients closed with 506 as slow consumers: their output buffer passed client_buffer_limit, or was the largest when all passed client_buffer_budget.",
     );
     sample(&mut out, SLOW_CONSUMERS, "", s.get(SlowConsumers));
     out

@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod errors;
+pub mod outbuf;
 pub mod pool;
 pub mod shard;
 pub mod slab;
@@ -70,6 +71,9 @@ pub struct Settings {
     pub min_idle_connections: u32,
     pub max_upstream_channels: u16,
     pub client_buffer_limit: usize,
+    /// Bytes of client output buffers all workers may hold together; past
+    /// it the client with the largest buffer is disconnected.
+    pub client_buffer_budget: usize,
     /// Keep safe channels open upstream for the next client of the pool.
     pub channel_reuse: bool,
     pub max_idle_channels: u32,
@@ -94,6 +98,7 @@ impl Default for Settings {
             min_idle_connections: 0,
             max_upstream_channels: u16::MAX,
             client_buffer_limit: 16 * 1024 * 1024,
+            client_buffer_budget: 256 * 1024 * 1024,
             channel_reuse: true,
             max_idle_channels: 64,
             idle_channel_timeout: Duration::from_secs(30),

@@ -69,7 +69,7 @@ pub struct Upstream {
     pub slots: Vec<Option<Slot>>,
     pub used: usize,
     pub partial: Vec<u8>,
-    pub out: Vec<u8>,
+    pub out: super::outbuf::OutBuf,
     pub last_received: Instant,
     pub last_sent: Instant,
     /// Connect/handshake or close deadline.
@@ -107,7 +107,7 @@ impl Upstream {
             slots: Vec::new(),
             used: 0,
             partial: Vec::new(),
-            out: Vec::new(),
+            out: super::outbuf::OutBuf::new(),
             last_received: now,
             last_sent: now,
             deadline: Some(now + connect_timeout),
@@ -281,7 +281,10 @@ mod tests {
     #[test]
     fn a_connecting_upstream_takes_no_more_than_the_assumed_channel_max() {
         let mut u = upstream(u16::MAX);
-        let slot = Slot { state: SlotState::Pending, owner: None };
+        let slot = Slot {
+            state: SlotState::Pending,
+            owner: None,
+        };
         for _ in 0..ASSUMED_BROKER_CHANNEL_MAX {
             assert!(u.allocate(slot).is_some());
         }

@@ -9,15 +9,15 @@
 //! queue it wakes the loop through the `Waker`, which retries the backlog.
 //! The loop never blocks on a worker and never busy-polls.
 
+use super::lifecycle::{Lifecycle, Next};
 use super::token;
 use super::worker::{Ready, WorkerHandle, WorkerMsg};
-use super::lifecycle::{Lifecycle, Next};
 use super::Shared;
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use signal_hook_mio::v1_0::Signals;
 use crossbeam_channel::TrySendError;
 use mio::event::Event;
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
 use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::Ordering;
@@ -56,7 +56,8 @@ impl EventLoop {
     ) -> io::Result<Self> {
         let poll = Poll::new()?;
         let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
-        poll.registry().register(&mut signals, token::SIGNALS, Interest::READABLE)?;
+        poll.registry()
+            .register(&mut signals, token::SIGNALS, Interest::READABLE)?;
         let (mut listeners, listener_tls): (Vec<_>, Vec<_>) = listeners.into_iter().unzip();
         for (i, l) in listeners.iter_mut().enumerate() {
             poll.registry()
@@ -122,7 +123,11 @@ impl EventLoop {
                 if t == token::SIGNALS {
                     let signals: Vec<i32> = self.signals.pending().collect();
                     for signal in signals {
-                        if self.lifecycle.on_signal(signal, &self.workers, &self.shared) == Next::StopAccepting {
+                        if self
+                            .lifecycle
+                            .on_signal(signal, &self.workers, &self.shared)
+                            == Next::StopAccepting
+                        {
                             self.stop_accepting();
                         }
                     }
@@ -217,7 +222,11 @@ impl EventLoop {
                         .fetch_add(1, Ordering::Relaxed);
                     let w = self.next_worker % self.workers.len().max(1);
                     self.next_worker = self.next_worker.wrapping_add(1);
-                    match self.workers[w].send(WorkerMsg::Accept(stream, peer, self.listener_tls[i].clone())) {
+                    match self.workers[w].send(WorkerMsg::Accept(
+                        stream,
+                        peer,
+                        self.listener_tls[i].clone(),
+                    )) {
                         Ok(()) => {}
                         Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                             // Dropping the stream closes it; the client may retry.

@@ -37,7 +37,11 @@ pub struct Lifecycle {
 
 impl Lifecycle {
     pub fn new(config: Config, reload: Reload) -> Self {
-        Lifecycle { config, reload, shutdown_started: None }
+        Lifecycle {
+            config,
+            reload,
+            shutdown_started: None,
+        }
     }
 
     pub fn shutting_down(&self) -> bool {
@@ -74,7 +78,9 @@ impl Lifecycle {
 
     /// Moves a shutdown along; called every loop turn while shutting down.
     pub fn check(&mut self, workers: &[WorkerHandle]) -> Next {
-        let Some(started) = self.shutdown_started else { return Next::Continue };
+        let Some(started) = self.shutdown_started else {
+            return Next::Continue;
+        };
         let elapsed = started.elapsed();
         if elapsed >= self.config.term_client_close_timeout {
             for w in workers {
@@ -116,12 +122,17 @@ impl Lifecycle {
             }
         }
         log::set_max_level(new.log_level);
-        shared.max_client_connections.store(new.max_client_connections as usize, Ordering::Relaxed);
+        shared
+            .max_client_connections
+            .store(new.max_client_connections as usize, Ordering::Relaxed);
         let settings = settings_from(&new);
         for w in workers {
             w.control.reload(settings.clone());
         }
-        log::info!("SIGHUP: configuration reloaded (log level {})", new.log_level);
+        log::info!(
+            "SIGHUP: configuration reloaded (log level {})",
+            new.log_level
+        );
         self.config = new;
     }
 }

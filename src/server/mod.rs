@@ -28,6 +28,9 @@ pub struct Shared {
     /// Reloadable, so atomic.
     pub max_client_connections: AtomicUsize,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Memory of every client output buffer, for `client_buffer_budget`
+    /// (each worker's shard updates it) and `/metrics`.
+    pub client_buffer_bytes: Arc<AtomicUsize>,
 }
 
 /// The core's view of the configuration.
@@ -42,6 +45,7 @@ pub fn settings_from(config: &Config) -> Settings {
         min_idle_connections: config.min_idle_connections,
         max_upstream_channels: config.max_upstream_channels,
         client_buffer_limit: config.client_buffer_limit,
+        client_buffer_budget: config.client_buffer_budget,
         channel_reuse: config.channel_reuse,
         max_idle_channels: config.max_idle_channels,
         idle_channel_timeout: config.idle_channel_timeout,
@@ -83,10 +87,14 @@ pub fn listener_tls_settings(config: &Config) -> Result<Option<(u16, tls::Listen
 /// Binds the listeners, starts the workers and runs the event loop on the
 /// calling thread until it fails.
 pub fn run(config: Config, reload: lifecycle::Reload) -> io::Result<()> {
-    let mut listeners: Vec<_> = net::bind_listeners(&config.listen_address, config.listen_port, config.listen_backlog)?
-        .into_iter()
-        .map(|l| (l, None))
-        .collect();
+    let mut listeners: Vec<_> = net::bind_listeners(
+        &config.listen_address,
+        config.listen_port,
+        config.listen_backlog,
+    )?
+    .into_iter()
+    .map(|l| (l, None))
+    .collect();
     for (l, _) in &listeners {
         log::info!("listening on {}", l.local_addr()?);
     }
@@ -109,6 +117,7 @@ pub fn run(config: Config, reload: lifecycle::Reload) -> io::Result<()> {
     let shared = Arc::new(Shared {
         client_connections: AtomicUsize::new(0),
         max_client_connections: AtomicUsize::new(config.max_client_connections as usize),
+        client_buffer_bytes: metrics.client_buffer_bytes.clone(),
         metrics,
     });
     let lifecycle = lifecycle::Lifecycle::new(config.clone(), reload);

@@ -7,9 +7,9 @@
 //! across reads is copied into the connection's own buffer, so idle
 //! connections hold no buffers.
 
+use super::control::{self, Control};
 use super::net;
 use super::token;
-use super::control::{self, Control};
 use super::Shared;
 use crate::core::{Action, ConnRef, Settings, Shard, UpstreamId};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
@@ -63,7 +63,10 @@ impl WorkerHandle {
 }
 
 /// The TLS client configuration and server name for `amqps://` upstreams.
-pub type UpstreamTls = Option<(Arc<rustls::ClientConfig>, rustls::pki_types::ServerName<'static>)>;
+pub type UpstreamTls = Option<(
+    Arc<rustls::ClientConfig>,
+    rustls::pki_types::ServerName<'static>,
+)>;
 
 /// Everything a worker starts with.
 pub struct Setup {
@@ -113,7 +116,13 @@ struct Socket {
 
 impl Socket {
     fn plain(conn: ConnRef, stream: TcpStream, connecting: bool) -> Self {
-        Socket { conn, stream, connecting, tls: None, other_addrs: Vec::new() }
+        Socket {
+            conn,
+            stream,
+            connecting,
+            tls: None,
+            other_addrs: Vec::new(),
+        }
     }
 
     /// Reads plaintext: straight from the socket, or through TLS (reading
@@ -150,7 +159,9 @@ impl Socket {
 
     /// Writes pending TLS records to the socket until it would block.
     fn flush_tls(&mut self) -> io::Result<()> {
-        let Some(tls) = self.tls.as_mut() else { return Ok(()) };
+        let Some(tls) = self.tls.as_mut() else {
+            return Ok(());
+        };
         while tls.wants_write() {
             match tls.write_tls(&mut self.stream) {
                 Ok(_) => {}
@@ -168,7 +179,9 @@ impl Socket {
             return self.stream.write(data);
         }
         self.flush_tls()?;
-        let Some(tls) = self.tls.as_mut() else { return Ok(0) };
+        let Some(tls) = self.tls.as_mut() else {
+            return Ok(0);
+        };
         if tls.wants_write() {
             // The socket is full; the writable event brings us back.
             return Err(io::ErrorKind::WouldBlock.into());
@@ -209,7 +222,11 @@ impl Worker {
     fn new(setup: Setup, control: Arc<Control>) -> Self {
         Worker {
             index: setup.index,
-            shard: Shard::new(setup.settings, Instant::now()),
+            shard: {
+                let mut shard = Shard::new(setup.settings, Instant::now());
+                shard.share_buffer_budget(setup.shared.client_buffer_bytes.clone());
+                shard
+            },
             upstream: setup.upstream,
             upstream_tls: setup.upstream_tls,
             resolved: None,
@@ -286,7 +303,11 @@ impl Worker {
     }
 
     fn publish_metrics(&self) {
-        self.shared.metrics.workers[self.index].publish(self.shard.stats(), &self.shard.counts(), &self.io);
+        self.shared.metrics.workers[self.index].publish(
+            self.shard.stats(),
+            &self.shard.counts(),
+            &self.io,
+        );
     }
 
     /// One step of a graceful shutdown; true once nothing is left.
@@ -366,7 +387,12 @@ impl Worker {
         }
     }
 
-    fn accept(&mut self, mut stream: TcpStream, peer: SocketAddr, tls: Option<Arc<rustls::ServerConfig>>) {
+    fn accept(
+        &mut self,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) {
         let id = self
             .shard
             .client_connected(peer.to_string(), Instant::now());
@@ -391,7 +417,9 @@ impl Worker {
                     log::warn!("client {peer}: cannot start TLS: {e}");
                     let _ = self.registry.deregister(&mut sock.stream);
                     self.shard.client_gone(id, Instant::now());
-                    self.shared.client_connections.fetch_sub(1, Ordering::Relaxed);
+                    self.shared
+                        .client_connections
+                        .fetch_sub(1, Ordering::Relaxed);
                     return;
                 }
             }
@@ -551,13 +579,19 @@ impl Worker {
             }
         };
         let tls = match &self.upstream_tls {
-            Some((config, name)) => match rustls::ClientConnection::new(config.clone(), name.clone()) {
-                Ok(session) => Some(Box::new(session.into())),
-                Err(e) => {
-                    self.shard.upstream_gone(id, &format!("cannot start TLS: {e}"), Instant::now());
-                    return;
+            Some((config, name)) => {
+                match rustls::ClientConnection::new(config.clone(), name.clone()) {
+                    Ok(session) => Some(Box::new(session.into())),
+                    Err(e) => {
+                        self.shard.upstream_gone(
+                            id,
+                            &format!("cannot start TLS: {e}"),
+                            Instant::now(),
+                        );
+                        return;
+                    }
                 }
-            },
+            }
             None => None,
         };
         self.connect_next(id, addrs, tls, None);
@@ -584,7 +618,10 @@ impl Worker {
                 }
             };
             let t = token::encode(self.index, ConnRef::Upstream(id));
-            if let Err(e) = self.registry.register(&mut stream, t, Interest::READABLE | Interest::WRITABLE) {
+            if let Err(e) =
+                self.registry
+                    .register(&mut stream, t, Interest::READABLE | Interest::WRITABLE)
+            {
                 last_error = Some(e);
                 continue;
             }
@@ -622,7 +659,8 @@ impl Worker {
             }
             Err(e) => {
                 // Try the next address before giving up.
-                let Some(Some(mut sock)) = self.slot(ConnRef::Upstream(id)).map(|s| s.take()) else {
+                let Some(Some(mut sock)) = self.slot(ConnRef::Upstream(id)).map(|s| s.take())
+                else {
                     return;
                 };
                 let _ = self.registry.deregister(&mut sock.stream);
@@ -644,7 +682,9 @@ fn slot_in<'a>(
         ConnRef::Client(id) => clients.get_mut(id.0.index as usize)?,
         ConnRef::Upstream(id) => upstreams.get_mut(id.0.index as usize)?,
     };
-    slot.as_ref().is_some_and(|s| s.conn == conn).then_some(slot)
+    slot.as_ref()
+        .is_some_and(|s| s.conn == conn)
+        .then_some(slot)
 }
 
 fn put(v: &mut Vec<Option<Socket>>, index: u32, sock: Socket) {

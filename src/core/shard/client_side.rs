@@ -96,6 +96,21 @@ impl Shard {
             return Ok(());
         };
         let state = c.state;
+        // RabbitMQ's `unknown_frame`: a heartbeat carries nothing, and a
+        // method frame holds at least its class and method ids.
+        if (frame.frame_type == FRAME_HEARTBEAT && !frame.payload.is_empty())
+            || (frame.frame_type == FRAME_METHOD && frame.payload.len() < 4)
+        {
+            return Err(ConnectionError::new(
+                reply::FRAME_ERROR,
+                format!(
+                    "FRAME_ERROR - type {}, {} payload octets: malformed frame",
+                    frame.frame_type,
+                    frame.payload.len()
+                ),
+                (0, 0),
+            ));
+        }
         if frame.frame_type == FRAME_HEARTBEAT {
             if frame.channel != 0 {
                 return Err(ConnectionError::new(
@@ -370,6 +385,33 @@ impl Shard {
         }
         let id_ =
             methods::method_id(frame.payload).map_err(|e| ConnectionError::syntax(e, (0, 0)))?;
+        match id_ {
+            // A handshake method again, or one only servers send: RabbitMQ's
+            // "unexpected method in connection state running".
+            method::CONNECTION_START
+            | method::CONNECTION_START_OK
+            | method::CONNECTION_SECURE
+            | method::CONNECTION_SECURE_OK
+            | method::CONNECTION_TUNE
+            | method::CONNECTION_TUNE_OK
+            | method::CONNECTION_OPEN
+            | method::CONNECTION_OPEN_OK
+            | method::CONNECTION_BLOCKED
+            | method::CONNECTION_UNBLOCKED => {
+                return Err(ConnectionError::channel(
+                    format!("unexpected method {id_:?} in connection state running"),
+                    id_,
+                ))
+            }
+            method::CONNECTION_UPDATE_SECRET => {
+                return Err(ConnectionError::new(
+                    reply::NOT_IMPLEMENTED,
+                    "NOT_IMPLEMENTED - connection.update-secret: the upstream connection is shared, its credentials are the pool's",
+                    id_,
+                ))
+            }
+            _ => {}
+        }
         check_client_method(id_, frame.payload, &self.settings.exchange_types)?;
         match id_ {
             method::CONNECTION_CLOSE => {

@@ -20,6 +20,7 @@ mod upstream_side;
 
 use super::client::{Client, ClientState};
 use super::errors::ConnectionError;
+use super::outbuf::shrink_if_large;
 use super::pool::{Credentials, Pool, PoolId};
 use super::slab::Slab;
 use super::upstream::{SlotState, Upstream, UpstreamState};
@@ -27,6 +28,8 @@ use super::{Action, ClientId, ConnRef, Settings, UpstreamId, UPSTREAM_LOW_WATER}
 use crate::protocol::constants::reply;
 
 use crate::protocol::methods::{put_close, put_close_ok};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 pub struct Shard {
@@ -38,6 +41,10 @@ pub struct Shard {
     dirty: Vec<ConnRef>,
     now: Instant,
     stats: super::stats::Stats,
+    /// Client output buffer memory of every shard sharing the budget.
+    buffer_bytes: Arc<AtomicUsize>,
+    /// Over budget with no client worth disconnecting: look again after.
+    budget_rescan_at: Option<Instant>,
 }
 
 /// Counts for tests, logs and metrics.
@@ -67,7 +74,22 @@ impl Shard {
             dirty: Vec::new(),
             now,
             stats: super::stats::Stats::default(),
+            buffer_bytes: Arc::default(),
+            budget_rescan_at: None,
         }
+    }
+
+    /// Counts this shard's client buffers in `bytes`, shared with the
+    /// other workers' shards, for `client_buffer_budget`. Call before any
+    /// client connects.
+    pub fn share_buffer_budget(&mut self, bytes: Arc<AtomicUsize>) {
+        debug_assert!(self.clients.is_empty());
+        self.buffer_bytes = bytes;
+    }
+
+    /// Client output buffer memory of every shard sharing the budget.
+    pub fn buffer_bytes(&self) -> usize {
+        self.buffer_bytes.load(Ordering::Relaxed)
     }
 
     pub fn settings(&self) -> &Settings {
@@ -237,8 +259,8 @@ impl Shard {
     /// Output waiting for a connection's socket.
     pub fn output(&self, conn: ConnRef) -> &[u8] {
         match conn {
-            ConnRef::Client(id) => self.clients.get(id.0).map_or(&[][..], |c| &c.out),
-            ConnRef::Upstream(id) => self.upstreams.get(id.0).map_or(&[][..], |u| &u.out),
+            ConnRef::Client(id) => self.clients.get(id.0).map_or(&[][..], |c| c.out.bytes()),
+            ConnRef::Upstream(id) => self.upstreams.get(id.0).map_or(&[][..], |u| u.out.bytes()),
         }
     }
 
@@ -247,14 +269,15 @@ impl Shard {
         match conn {
             ConnRef::Client(id) => {
                 if let Some(c) = self.clients.get_mut(id.0) {
-                    consume(&mut c.out, n);
+                    c.out.consume(n);
+                    self.account(id);
                 }
             }
             ConnRef::Upstream(id) => {
                 let Some(u) = self.upstreams.get_mut(id.0) else {
                     return;
                 };
-                consume(&mut u.out, n);
+                u.out.consume(n);
                 if u.out.len() < UPSTREAM_LOW_WATER && !u.paused_clients.is_empty() {
                     for c in std::mem::take(&mut u.paused_clients) {
                         if let Some(client) = self.clients.get_mut(c.0) {
@@ -368,11 +391,29 @@ impl Shard {
             return;
         };
         let was_empty = c.out.is_empty();
-        write(&mut c.out);
+        write(c.out.tail());
         c.last_sent = self.now;
         if was_empty && !c.out.is_empty() {
             self.dirty.push(ConnRef::Client(id));
         }
+        self.account(id);
+    }
+
+    /// Brings the shared budget up to date with a client's buffer memory
+    /// (an atomic operation only when its capacity changed).
+    fn account(&mut self, id: ClientId) {
+        let Some(c) = self.clients.get_mut(id.0) else {
+            return;
+        };
+        let now = c.out.capacity();
+        if now > c.budgeted {
+            self.buffer_bytes
+                .fetch_add(now - c.budgeted, Ordering::Relaxed);
+        } else if now < c.budgeted {
+            self.buffer_bytes
+                .fetch_sub(c.budgeted - now, Ordering::Relaxed);
+        }
+        c.budgeted = now;
     }
 
     fn upstream_send(&mut self, id: UpstreamId, write: impl FnOnce(&mut Vec<u8>)) {
@@ -380,7 +421,7 @@ impl Shard {
             return;
         };
         let was_empty = u.out.is_empty();
-        write(&mut u.out);
+        write(u.out.tail());
         u.last_sent = self.now;
         if was_empty && !u.out.is_empty() {
             self.dirty.push(ConnRef::Upstream(id));
@@ -448,6 +489,7 @@ impl Shard {
         let Some(c) = self.clients.remove(id.0) else {
             return;
         };
+        self.buffer_bytes.fetch_sub(c.budgeted, Ordering::Relaxed);
         if let Some(pool) = c.pool {
             if let Some(p) = self.pools.get_mut(pool) {
                 p.clients -= 1;
@@ -544,6 +586,10 @@ impl Shard {
         let owners = u.owners();
         u.slots.clear();
         u.used = 0;
+        // The broker drops exclusive queues with the connection; closing
+        // the owners below must not try to delete them on a channel
+        // number the broker may still hold.
+        u.exclusive.clear();
         // Clients paused on this connection must be read again, if only to
         // see their CloseOk.
         for c in std::mem::take(&mut u.paused_clients) {
@@ -648,24 +694,6 @@ impl Shard {
 /// States in which the client still takes part in the protocol.
 fn is_live(state: ClientState) -> bool {
     !matches!(state, ClientState::ExpectCloseOk | ClientState::Closed)
-}
-
-fn consume(out: &mut Vec<u8>, n: usize) {
-    if n >= out.len() {
-        out.clear();
-        shrink_if_large(out);
-    } else {
-        out.drain(..n);
-    }
-}
-
-/// Buffers grow to the largest burst they carried; give the memory back
-/// once they are empty again so idle connections stay small.
-fn shrink_if_large(buf: &mut Vec<u8>) {
-    const KEEP: usize = 64 * 1024;
-    if buf.is_empty() && buf.capacity() > KEEP {
-        *buf = Vec::new();
-    }
 }
 
 #[cfg(test)]

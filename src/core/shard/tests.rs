@@ -785,6 +785,100 @@ fn slow_consumer_is_closed_with_506_and_the_upstream_keeps_flowing() {
     );
 }
 
+fn deliver(n: u16, body: usize) -> Vec<u8> {
+    let mut d = method_frame(
+        n,
+        method::BASIC_DELIVER,
+        &[1, b'c', 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 1, b'q'],
+    );
+    let mut header = vec![0, 60, 0, 0];
+    header.extend_from_slice(&(body as u64).to_be_bytes());
+    header.extend_from_slice(&[0, 0]);
+    put_frame(&mut d, FRAME_HEADER, n, &header);
+    put_frame(&mut d, FRAME_BODY, n, &vec![5u8; body]);
+    d
+}
+
+#[test]
+fn past_the_budget_the_largest_buffer_is_disconnected_and_its_memory_freed() {
+    let budget = 256 * 1024;
+    let settings = Settings {
+        client_buffer_budget: budget,
+        ..NO_REUSE()
+    };
+    let mut p = Pair::new(settings);
+    let (big, up) = p.connected_client();
+    let n_big = p.open_channel(big, up, 1);
+    let open = |p: &mut Pair| {
+        let c = p.client("guest", "guest", &[], 131072);
+        p.client_out(c);
+        let n = p.open_channel(c, up, 1);
+        (c, n)
+    };
+    let (medium, n_medium) = open(&mut p);
+    let (fast, n_fast) = open(&mut p);
+    // Neither big nor medium reads; big gets twice as much.
+    let mut rounds = 0;
+    while p.shard.counts().clients == 3 && !closing(&p, big) {
+        p.send_upstream(up, &deliver(n_big, 8000));
+        p.send_upstream(up, &deliver(n_big, 8000));
+        p.send_upstream(up, &deliver(n_medium, 8000));
+        p.send_upstream(up, &deliver(n_fast, 8000));
+        assert!(p.client_out(fast).iter().any(|f| f.0 == FRAME_BODY));
+        rounds += 1;
+        assert!(rounds < 1000, "never disconnected anyone");
+    }
+    assert!(closing(&p, big), "the largest buffer goes first");
+    assert!(!closing(&p, medium), "one victim is enough");
+    assert!(rounds > 5, "not before the budget: {rounds} rounds");
+    // Its unsent deliveries are dropped at once: only the Close is left.
+    let left = frames(p.shard.output(ConnRef::Client(big)));
+    assert_eq!(left.len(), 1);
+    assert_eq!(
+        close_of(&left[0]),
+        (506, "RESOURCE_ERROR - slow consumer".into())
+    );
+    assert!(
+        p.shard.buffer_bytes() < budget,
+        "{} bytes still counted",
+        p.shard.buffer_bytes()
+    );
+    // Its channel is closed upstream so the broker requeues its deliveries.
+    assert!(p
+        .upstream_out(up)
+        .iter()
+        .any(|f| mid(f) == Some(method::CHANNEL_CLOSE) && f.1 == n_big));
+    // Everything buffered is given back when the clients go.
+    for c in [big, medium, fast] {
+        p.shard.client_gone(c, p.now);
+    }
+    assert_eq!(p.shard.buffer_bytes(), 0);
+}
+
+#[test]
+fn under_the_budget_small_buffers_are_left_alone() {
+    // Over budget, but no buffer is big enough to be a slow consumer's.
+    let settings = Settings {
+        client_buffer_budget: 4096,
+        ..NO_REUSE()
+    };
+    let mut p = Pair::new(settings);
+    let (a, up) = p.connected_client();
+    let n = p.open_channel(a, up, 1);
+    for _ in 0..4 {
+        p.send_upstream(up, &deliver(n, 4000));
+    }
+    assert!(p.shard.buffer_bytes() > 4096);
+    assert!(!closing(&p, a));
+    assert_eq!(p.client_out(a).len(), 4 * 3);
+}
+
+fn closing(p: &Pair, c: ClientId) -> bool {
+    frames(p.shard.output(ConnRef::Client(c)))
+        .iter()
+        .any(|f| mid(f) == Some(method::CONNECTION_CLOSE))
+}
+
 #[test]
 fn a_client_closed_while_waiting_for_the_upstream_gets_no_open_ok() {
     let mut p = Pair::new(Settings::default());
@@ -1002,6 +1096,30 @@ fn exclusive_queues_are_locked_to_their_owner_and_deleted_when_it_leaves() {
     p.send_client(b, &queue_method(1, method::QUEUE_DECLARE, b"qx", EXCLUSIVE));
     assert!(p.client_out(b).is_empty());
     assert_eq!(mid(&p.upstream_out(up)[0]), Some(method::QUEUE_DECLARE));
+}
+
+#[test]
+fn a_failed_upstream_writes_no_exclusive_queue_deletes() {
+    // Found by the session fuzzer: the clients of a failing upstream were
+    // closed after its channel table was cleared but while it still looked
+    // Open, so the exclusive-queue release opened a channel number the
+    // broker still held. The broker drops the queues with the connection.
+    let mut p = Pair::new(Settings::default());
+    let (a, up) = p.connected_client();
+    let na = p.open_channel(a, up, 1);
+    p.send_client(a, &queue_method(1, method::QUEUE_DECLARE, b"qx", EXCLUSIVE));
+    p.send_upstream(up, &declare_ok(na, b"qx"));
+    p.upstream_out(up);
+    p.client_out(a);
+    let mut close = Vec::new();
+    m::put_close(&mut close, 0, 320, b"CONNECTION_FORCED - test", (0, 0));
+    p.send_upstream(up, &close);
+    assert_eq!(close_of(&p.client_out(a)[0]).0, 320);
+    let sent = p.upstream_out(up);
+    assert!(
+        sent.iter().all(|f| f.1 == 0),
+        "only connection-level frames go to a closing broker: {sent:?}"
+    );
 }
 
 #[test]

@@ -407,8 +407,9 @@ impl Shard {
 
     /// Appends a broker frame to a client's output with the client's channel
     /// number, splitting bodies to the client's frame_max. A client whose
-    /// buffer is past its limit is disconnected as a slow consumer rather
-    /// than ever making the proxy stop reading the shared connection.
+    /// buffer is past its limit, or the largest buffer when all clients
+    /// together are past the budget, is disconnected as a slow consumer
+    /// rather than ever making the proxy stop reading the shared connection.
     fn forward_client(&mut self, client: ClientId, ch: u16, frame: Frame<'_>) {
         let limit = self.settings.client_buffer_limit;
         let Some(c) = self.clients.get(client.0) else {
@@ -418,27 +419,35 @@ impl Shard {
             return;
         }
         if c.out.len() > limit {
-            self.stats.slow_consumer_disconnects += 1;
-            log::warn!(
-                "client {}: slow consumer, {} bytes unsent",
-                c.label(),
-                c.out.len()
-            );
-            self.fail_client(
-                client,
-                crate::core::errors::ConnectionError::new(
-                    reply::RESOURCE_ERROR,
-                    "RESOURCE_ERROR - slow consumer",
-                    (0, 0),
-                ),
-            );
-            if let Some(c) = self.clients.get_mut(client.0) {
-                // It is not reading: do not wait for its CloseOk.
-                c.deadline =
-                    Some(self.now + CLOSE_TIMEOUT.min(std::time::Duration::from_millis(500)));
-            }
+            self.slow_consumer(client, "client_buffer_limit");
             return;
         }
+        // What the buffer would grow by: a Vec doubles when it is full.
+        let (len, cap) = (c.out.len(), c.out.capacity());
+        let wire = frame.payload.len() + 8;
+        let growth = if len + wire > cap {
+            (2 * cap).max(len + wire) - cap
+        } else {
+            0
+        };
+        // As many of the largest buffers as it takes to make room (each
+        // frees at least BUDGET_MIN_VICTIM).
+        while self.buffer_bytes() + growth > self.settings.client_buffer_budget
+            && self.budget_rescan_at.is_none_or(|at| self.now >= at)
+        {
+            match self.largest_buffer() {
+                Some(victim) => {
+                    self.slow_consumer(victim, "client_buffer_budget");
+                    if victim == client {
+                        return;
+                    }
+                }
+                None => self.budget_rescan_at = Some(self.now + super::TICK),
+            }
+        }
+        let Some(c) = self.clients.get(client.0) else {
+            return;
+        };
         let frame_max = c.frame_max as usize;
         self.client_send(client, |out| {
             if frame.frame_type == FRAME_BODY && frame.payload.len() + 8 > frame_max {
@@ -447,5 +456,52 @@ impl Shard {
                 put_frame(out, frame.frame_type, ch, frame.payload);
             }
         });
+    }
+}
+
+/// Buffers smaller than this are never chosen for the budget: they belong
+/// to clients that are reading.
+const BUDGET_MIN_VICTIM: usize = 64 * 1024;
+
+impl Shard {
+    /// Disconnects a client that does not read what the broker sends it:
+    /// drops its unsent deliveries (they are unacked, so they go back to
+    /// their queues when the broker closes its channels; other frames stay,
+    /// so it still sees the replies it waits for), sends Connection.Close
+    /// 506 and waits briefly for CloseOk.
+    pub(super) fn slow_consumer(&mut self, client: ClientId, limit: &str) {
+        let Some(c) = self.clients.get_mut(client.0) else {
+            return;
+        };
+        let unsent = c.out.len();
+        let dropped = c.out.drop_deliveries();
+        self.stats.slow_consumer_disconnects += 1;
+        log::warn!(
+            "client {}: slow consumer, {unsent} bytes unsent ({limit}); {dropped} bytes of deliveries dropped",
+            c.label()
+        );
+        self.account(client);
+        self.fail_client(
+            client,
+            crate::core::errors::ConnectionError::new(
+                reply::RESOURCE_ERROR,
+                "RESOURCE_ERROR - slow consumer",
+                (0, 0),
+            ),
+        );
+        if let Some(c) = self.clients.get_mut(client.0) {
+            // It is not reading: do not wait long for its CloseOk.
+            c.deadline = Some(self.now + CLOSE_TIMEOUT.min(std::time::Duration::from_millis(500)));
+        }
+    }
+
+    /// The open client of this shard with the most output waiting, if any
+    /// has at least [`BUDGET_MIN_VICTIM`].
+    fn largest_buffer(&self) -> Option<ClientId> {
+        self.clients
+            .iter()
+            .filter(|(_, c)| c.state == ClientState::Open && c.out.len() >= BUDGET_MIN_VICTIM)
+            .max_by_key(|(_, c)| c.out.len())
+            .map(|(k, _)| ClientId(k))
     }
 }
