@@ -12,6 +12,7 @@ Environment:
 """
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -66,6 +67,35 @@ def closed_port():
 
 def unique(prefix="amqproxy-test"):
     return "%s-%s" % (prefix, uuid.uuid4().hex)
+
+
+# ---------------------------------------------------------------- the proxy process, /metrics
+
+def proxy_vm_status(p):
+    """{field: kB} of /proc/<proxy pid>/status (VmRSS, VmHWM, ...)."""
+    out = {}
+    with open("/proc/%d/status" % p.proc.pid) as f:
+        for line in f:
+            m = re.match(r"(Vm\w+):\s+(\d+) kB", line)
+            if m:
+                out[m.group(1)] = int(m.group(2))
+    return out
+
+
+def proxy_metrics(p):
+    """{sample name: value} of the unlabelled samples of /metrics."""
+    with socket.create_connection(("127.0.0.1", p.http_port), timeout=5) as s:
+        s.sendall(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        s.settimeout(5)
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    body = data.split(b"\r\n\r\n", 1)[1].decode()
+    return {m.group(1): float(m.group(2))
+            for m in re.finditer(r"^([a-zA-Z_:][a-zA-Z0-9_:]*) (\S+)$", body, re.M)}
 
 
 class Proxy:
@@ -432,11 +462,11 @@ def canary(broker):
     """Factory: canary(proxy, interval=0.05) -> a running Canary whose first
     round trip is done and whose upstream connection is recorded. Start the
     proxy with --workers 1 so every client with the same credentials shares
-    the canary's upstream connection."""
+    the canary's upstream connection. `cls` may be a Canary subclass."""
     made = []
 
-    def start(proxy, interval=0.05):
-        c = Canary(proxy, broker, interval)
+    def start(proxy, interval=0.05, cls=Canary):
+        c = cls(proxy, broker, interval)
         made.append(c)
         c.start()
         if not c.ready.wait(20):
