@@ -1,8 +1,9 @@
-//! Control from the event loop to the workers: shutdown phases and reloaded
-//! settings. Shared state, not queue messages, so a full data queue can
+//! Control from the event loop to the workers: shutdown phases, reloaded
+//! settings and upstream TLS configuration. Shared state, not queue messages, so a full data queue can
 //! never delay or drop a control request; workers check it every turn
 //! (an atomic load) and at least every tick.
 
+use super::worker::UpstreamTls;
 use crate::core::Settings;
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -19,6 +20,8 @@ pub struct Control {
     phase: AtomicU8,
     settings_pending: AtomicBool,
     settings: Mutex<Option<Settings>>,
+    upstream_tls_pending: AtomicBool,
+    upstream_tls: Mutex<Option<UpstreamTls>>,
     /// Set by the worker when it has nothing left and has stopped.
     done: AtomicBool,
 }
@@ -43,6 +46,20 @@ impl Control {
             return None;
         }
         self.settings.lock().take()
+    }
+
+    /// A new upstream TLS configuration (re-read certificates) for the
+    /// connections the worker opens from now on.
+    pub fn reload_upstream_tls(&self, tls: UpstreamTls) {
+        *self.upstream_tls.lock() = Some(tls);
+        self.upstream_tls_pending.store(true, Ordering::Release);
+    }
+
+    pub fn take_upstream_tls(&self) -> Option<UpstreamTls> {
+        if !self.upstream_tls_pending.swap(false, Ordering::AcqRel) {
+            return None;
+        }
+        self.upstream_tls.lock().take()
     }
 
     pub fn set_done(&self) {

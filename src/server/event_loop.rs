@@ -130,6 +130,11 @@ impl EventLoop {
                         {
                             self.stop_accepting();
                         }
+                        if let Some(tls) = self.lifecycle.take_listener_tls() {
+                            for slot in self.listener_tls.iter_mut().flatten() {
+                                *slot = tls.clone();
+                            }
+                        }
                     }
                     continue;
                 }

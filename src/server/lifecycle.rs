@@ -1,6 +1,7 @@
 //! Signals, handled in the event loop: SIGTERM/SIGINT start a graceful
 //! shutdown (a second one exits at once), SIGHUP reloads the configuration
-//! file without dropping a connection.
+//! file without dropping a connection, and re-reads the TLS certificates,
+//! keys and CA files (for the connections made after it).
 //!
 //! Shutdown: stop accepting (and /healthz turns 503) at once; let clients
 //! leave for `term_client_close_timeout`; then the workers send
@@ -10,10 +11,12 @@
 //! the loop returns and the process exits 0.
 
 use super::control::{CLOSING_CLIENTS, DRAINING};
+use super::worker::UpstreamTls;
 use super::worker::WorkerHandle;
-use super::{settings_from, Shared};
+use super::{listener_tls_settings, settings_from, tls, upstream_tls_settings, Shared};
 use crate::config::Config;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Re-reads the configuration with the original arguments and environment.
@@ -33,6 +36,8 @@ pub struct Lifecycle {
     config: Config,
     reload: Reload,
     shutdown_started: Option<Instant>,
+    /// A TLS listener configuration re-read by SIGHUP, for the event loop.
+    new_listener_tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Lifecycle {
@@ -41,6 +46,7 @@ impl Lifecycle {
             config,
             reload,
             shutdown_started: None,
+            new_listener_tls: None,
         }
     }
 
@@ -76,6 +82,11 @@ impl Lifecycle {
         }
     }
 
+    /// The TLS listener configuration a reload built, once.
+    pub fn take_listener_tls(&mut self) -> Option<Arc<rustls::ServerConfig>> {
+        self.new_listener_tls.take()
+    }
+
     /// Moves a shutdown along; called every loop turn while shutting down.
     pub fn check(&mut self, workers: &[WorkerHandle]) -> Next {
         let Some(started) = self.shutdown_started else {
@@ -106,11 +117,25 @@ impl Lifecycle {
                 return;
             }
         };
+        // Certificates are re-read even when their paths did not change
+        // (a renewal replaces the files); a file that does not load
+        // rejects the whole reload, like a bad configuration file.
+        let (listener_tls, upstream_tls) = match self.tls_of(&new) {
+            Ok(tls) => tls,
+            Err(e) => {
+                log::error!("SIGHUP: configuration not reloaded, the running one stays: {e}");
+                return;
+            }
+        };
         let old = &self.config;
         let restart_only = [
             ("listen_address", old.listen_address != new.listen_address),
             ("listen_port", old.listen_port != new.listen_port),
             ("listen_backlog", old.listen_backlog != new.listen_backlog),
+            (
+                "tls_listen_port",
+                old.tls_listen_port != new.tls_listen_port,
+            ),
             ("http_address", old.http_address != new.http_address),
             ("http_port", old.http_port != new.http_port),
             ("upstream", old.upstream != new.upstream),
@@ -128,11 +153,47 @@ impl Lifecycle {
         let settings = settings_from(&new);
         for w in workers {
             w.control.reload(settings.clone());
+            if let Some(tls) = &upstream_tls {
+                w.control.reload_upstream_tls(tls.clone());
+            }
         }
+        if listener_tls.is_some() {
+            log::info!("SIGHUP: TLS listener certificate re-read");
+        }
+        if upstream_tls.is_some() {
+            log::info!("SIGHUP: upstream TLS files re-read");
+        }
+        self.new_listener_tls = listener_tls;
         log::info!(
             "SIGHUP: configuration reloaded (log level {})",
             new.log_level
         );
         self.config = new;
+    }
+
+    /// The TLS configurations of a reloaded config: the listener's, when
+    /// the running proxy has a TLS listener (its port cannot change
+    /// without a restart), and the upstream's, when the running upstream
+    /// is amqps (likewise).
+    #[allow(clippy::type_complexity)]
+    fn tls_of(
+        &self,
+        new: &Config,
+    ) -> Result<(Option<Arc<rustls::ServerConfig>>, Option<UpstreamTls>), String> {
+        let listener = match listener_tls_settings(new)? {
+            Some((_, settings)) if self.config.tls_listen_port != 0 => {
+                Some(tls::listener_config(&settings)?)
+            }
+            _ => None,
+        };
+        let upstream = if self.config.upstream.tls {
+            let settings = upstream_tls_settings(new);
+            let client = tls::upstream_config(&settings)?;
+            let name = tls::server_name(&settings, &self.config.upstream.host)?;
+            Some(Some((client, name)))
+        } else {
+            None
+        };
+        Ok((listener, upstream))
     }
 }

@@ -283,6 +283,9 @@ impl Worker {
             if let Some(settings) = self.control.take_settings() {
                 self.shard.set_settings(settings);
             }
+            if let Some(tls) = self.control.take_upstream_tls() {
+                self.upstream_tls = tls;
+            }
             let now = Instant::now();
             if self.control.phase() != control::RUNNING && self.shut_down_step(now) {
                 self.publish_metrics();

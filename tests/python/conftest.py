@@ -98,6 +98,22 @@ def proxy_metrics(p):
             for m in re.finditer(r"^([a-zA-Z_:][a-zA-Z0-9_:]*) (\S+)$", body, re.M)}
 
 
+def log_text(proxy):
+    """The proxy's whole log so far."""
+    with open(proxy.log_path, "rb") as f:
+        return f.read().decode("utf-8", "replace")
+
+
+def wait_log(proxy, pattern, after=0, timeout=10):
+    """Waits for a match of the regex `pattern` (multi-line mode) in the
+    proxy's log at or after character offset `after`; returns (match, its
+    end offset)."""
+    rx = re.compile(pattern, re.M)
+    m = wait_for(lambda: rx.search(log_text(proxy), after), timeout=timeout, interval=0.05,
+                 desc="log line /%s/" % pattern)
+    return m, m.end()
+
+
 class Proxy:
     """One amqproxy process (or, in direct mode, the broker itself)."""
 

@@ -25,7 +25,8 @@ import pika
 import pytest
 
 from broker import wait_for
-from conftest import BROKER_HOST, BROKER_PORT, PROXY_BIN, Proxy, Watcher, closed_port, unique
+from conftest import (BROKER_HOST, BROKER_PORT, PROXY_BIN, Proxy, Watcher, closed_port, log_text, unique,
+                      wait_log)
 
 pytestmark = pytest.mark.proxy_only
 
@@ -166,21 +167,6 @@ LABELLED = {
 def broker_direct():
     """A stand-in Proxy that connects straight to the broker (setup, counting)."""
     return Proxy(direct=True)
-
-
-def log_text(proxy):
-    with open(proxy.log_path, "rb") as f:
-        return f.read().decode("utf-8", "replace")
-
-
-def wait_log(proxy, pattern, after=0, timeout=10):
-    """Waits for a match of the regex `pattern` (multi-line mode) in the
-    proxy's log at or after character offset `after`; returns (match, its
-    end offset)."""
-    rx = re.compile(pattern, re.M)
-    m = wait_for(lambda: rx.search(log_text(proxy), after), timeout=timeout, interval=0.05,
-                 desc="log line /%s/" % pattern)
-    return m, m.end()
 
 
 def launch(start_proxy, *flags, upstream=None):

@@ -8,6 +8,7 @@ Client side: the proxy's own TLS listener, with pika over TLS.
 
 import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -16,7 +17,7 @@ import time
 import pika
 import pytest
 
-from conftest import BROKER_PORT, free_port, unique
+from conftest import BROKER_PORT, free_port, unique, wait_log
 
 pytestmark = pytest.mark.proxy_only
 
@@ -216,3 +217,81 @@ def test_client_certificate_verification(start_proxy, certs):
     c = pika.BlockingConnection(tls_params(p, port, certs, client_cert=True))
     assert c.channel().is_open
     c.close()
+
+
+# ------------------------------------------------------------ SIGHUP re-reads
+
+def replace_file(src, dst):
+    """Puts a copy of src at dst atomically, as a certificate renewal does."""
+    tmp = str(dst) + ".new"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def peer_ca_verifies(p, port, ca):
+    """Whether a TLS connection to the listener verifies against `ca`."""
+    ctx = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        try:
+            with ctx.wrap_socket(raw, server_hostname="localhost"):
+                return True
+        except ssl.SSLCertVerificationError:
+            return False
+
+
+def test_sighup_rereads_the_listener_certificate(start_proxy, certs, tmp_path):
+    """A renewed certificate at the same path is served to connections made
+    after SIGHUP; connections made before it carry on; a key that does not
+    load leaves the running certificate in place."""
+    renewed = tmp_path / "renewed"
+    subprocess.run([MAKE_CERTS, str(renewed)], check=True)  # a new CA too
+    cert, key = tmp_path / "live.pem", tmp_path / "live-key.pem"
+    replace_file(certs / "server.pem", cert)
+    replace_file(certs / "server-key.pem", key)
+    port = free_port()
+    p = start_proxy("--tls-port", str(port), "--tls-cert", str(cert), "--tls-key", str(key))
+    before = pika.BlockingConnection(tls_params(p, port, certs))
+    ch = before.channel()
+    q = unique()
+    ch.queue_declare(q, arguments={"x-expires": 60000})
+    assert peer_ca_verifies(p, port, certs / "ca.pem")
+
+    replace_file(renewed / "server.pem", cert)
+    replace_file(renewed / "server-key.pem", key)
+    # Not re-read on its own: only SIGHUP does it.
+    assert peer_ca_verifies(p, port, certs / "ca.pem")
+    p.proc.send_signal(signal.SIGHUP)
+    _, pos = wait_log(p, r"SIGHUP: TLS listener certificate re-read$")
+    assert peer_ca_verifies(p, port, renewed / "ca.pem")
+    assert not peer_ca_verifies(p, port, certs / "ca.pem")
+    after = pika.BlockingConnection(tls_params(p, port, renewed))
+    after_ch = after.channel()
+    after_ch.confirm_delivery()  # enqueued before the other connection looks
+    after_ch.basic_publish("", q, b"after the renewal")
+    # The connection made before the reload still works, on the old session.
+    assert ch.basic_get(q, auto_ack=True)[2] == b"after the renewal"
+    after.close()
+
+    # A key that does not load: the reload is refused, nothing changes.
+    key.write_text("not a key\n")
+    p.proc.send_signal(signal.SIGHUP)
+    m, _ = wait_log(p, r"SIGHUP: configuration not reloaded.*$", after=pos)
+    assert "private key" in m.group(0), m.group(0)
+    assert peer_ca_verifies(p, port, renewed / "ca.pem")
+    ch.queue_delete(q)
+    before.close()
+    assert p.proc.poll() is None
+
+
+def test_sighup_rereads_the_upstream_ca_file(start_proxy, terminator, certs, tmp_path):
+    """The upstream CA file is re-read by SIGHUP: new upstream connections
+    verify against what it holds now."""
+    t = terminator()
+    ca = tmp_path / "upstream-ca.pem"
+    replace_file(certs / "other-ca.pem", ca)
+    p = start_proxy("--upstream-ca-file", str(ca), upstream="amqps://localhost:%d" % t.port)
+    refused_with(p, ["unknown CA"])
+    replace_file(certs / "ca.pem", ca)
+    p.proc.send_signal(signal.SIGHUP)
+    wait_log(p, r"SIGHUP: upstream TLS files re-read$")
+    round_trip(p, size=10)
