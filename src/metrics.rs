@@ -47,6 +47,7 @@ pub enum Value {
     ReuseDiscarded,
     BackpressurePauses,
     SlowConsumers,
+    BudgetPublishers,
     LatencyCount,
     LatencySumMicros,
     /// First of the latency histogram's cumulative buckets.
@@ -98,6 +99,7 @@ impl WorkerSlot {
         set(ReuseDiscarded, stats.reuse_discarded);
         set(BackpressurePauses, stats.backpressure_pauses);
         set(SlowConsumers, stats.slow_consumer_disconnects);
+        set(BudgetPublishers, stats.budget_publisher_disconnects);
         let h = &stats.upstream_connect_latency;
         set(LatencyCount, h.count);
         set(LatencySumMicros, h.sum_micros);
@@ -183,6 +185,7 @@ pub mod names {
     pub const CHANNEL_REUSE: &str = "amqproxy_channel_reuse_total";
     pub const BACKPRESSURE_PAUSES: &str = "amqproxy_backpressure_pauses_total";
     pub const SLOW_CONSUMERS: &str = "amqproxy_slow_consumer_disconnects_total";
+    pub const BUDGET_PUBLISHERS: &str = "amqproxy_budget_publisher_disconnects_total";
     pub const CLIENT_BUFFER_BYTES: &str = "amqproxy_client_buffer_bytes";
 }
 
@@ -407,6 +410,13 @@ pub fn render(s: &Snapshot, version: &str, commit: &str) -> String {
         "Clients closed with 506 as slow consumers: their output buffer passed client_buffer_limit, or was the largest when all passed client_buffer_budget.",
     );
     sample(&mut out, SLOW_CONSUMERS, "", s.get(SlowConsumers));
+    family(
+        &mut out,
+        BUDGET_PUBLISHERS,
+        "counter",
+        "Clients closed with 506 because their unfinished publishes were the largest buffer when all buffers together passed client_buffer_budget.",
+    );
+    sample(&mut out, BUDGET_PUBLISHERS, "", s.get(BudgetPublishers));
     out
 }
 

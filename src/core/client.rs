@@ -137,7 +137,10 @@ pub struct Client {
     /// Bytes of an incomplete frame carried over between reads.
     pub partial: Vec<u8>,
     pub out: super::outbuf::OutBuf,
-    /// Bytes of `out` counted in the shared buffer budget.
+    /// Capacity of the channels' unfinished publishes and of `partial`,
+    /// as of the last read: counted in the buffer budget with `out`.
+    pub inbound: usize,
+    /// Bytes of `out` and `inbound` counted in the shared buffer budget.
     pub budgeted: usize,
     pub last_received: Instant,
     pub last_sent: Instant,
@@ -165,6 +168,7 @@ impl Client {
             channels: Channels::default(),
             partial: Vec::new(),
             out: super::outbuf::OutBuf::new(),
+            inbound: 0,
             budgeted: 0,
             last_received: now,
             last_sent: now,

@@ -49,6 +49,9 @@ pub struct Stats {
     /// Times a client was paused because an upstream buffer was full.
     pub backpressure_pauses: u64,
     pub slow_consumer_disconnects: u64,
+    /// Clients closed because their unfinished publishes were the largest
+    /// buffer when all together passed the budget.
+    pub budget_publisher_disconnects: u64,
     pub reuse_hits: u64,
     pub reuse_misses: u64,
     pub reuse_discarded: u64,

@@ -19,11 +19,13 @@ All proxy-specific: RabbitMQ has its own (10 s) handshake timeout and limits.
 import resource
 import selectors
 import socket
+import struct
 import time
 
 import pika
 import pytest
 
+import rawamqp
 from rawamqp import CONNECTION_START_OK, PROTOCOL_HEADER, longstr, method_frame, shortstr, table
 from broker import wait_for
 from conftest import PASSWORD, USER, unique
@@ -387,3 +389,85 @@ def test_max_client_connections_refuses_the_next_client(start_proxy):
     wait_metric(p, CLIENTS, lambda v: v == 0)
     roundtrip(p, "after the half-open connections timed out")
     assert metrics(p)[REFUSED] == refused0 + 3
+
+
+# ================================================================ unfinished publishes
+
+BUDGET_PUBLISHERS = "amqproxy_budget_publisher_disconnects_total"
+BUFFER_BYTES = "amqproxy_client_buffer_bytes"
+
+
+@pytest.mark.timeout_s(120)
+def test_unfinished_large_publishes_are_held_to_the_buffer_budget(start_proxy, canary):
+    """A client announces 100 MB messages on 40 channels and sends 2 MB of
+    each (80 MB the proxy would have to hold until the messages are
+    complete): with a 32 MiB budget it is closed with 506 before the
+    proxy's memory passes the budget plus a small constant; a normal
+    publisher's large message in progress at the same time, and the canary
+    on the same upstream connection, carry on."""
+    budget = 32 * 1024 * 1024
+    slack = 16 * 1024 * 1024
+    p = start_proxy("--workers", "1", "--client-buffer-budget", str(budget))
+    can = canary(p)
+    since = time.monotonic()
+    rss0 = vm_status(p)["VmRSS"] * 1024
+
+    # A well-behaved client with a 3 MB message half sent.
+    good = rawamqp.RawClient(p.host, p.port)
+    good.handshake()
+    good.channel_open(1)
+    q = unique("amqproxy-test-budget")
+    good.queue_declare(1, q, arguments={"x-expires": 60000})
+    good.confirm_select(1)
+    body = bytes(range(256)) * (3 * 1024 * 1024 // 256)
+    frames = good.publish_frames(1, "", q, body, good.frame_max)
+    good.send(frames[:len(frames) // 2])
+
+    hog = rawamqp.RawClient(p.host, p.port)
+    hog.handshake()
+    chunk = rawamqp.body_frames(0, b"\x00" * (hog.frame_max - 8), hog.frame_max)
+    peak = 0
+    closed_with = None
+    try:
+        for ch in range(1, 41):
+            hog.channel_open(ch)
+            hog.send(rawamqp.method_frame(ch, rawamqp.BASIC_PUBLISH, struct.pack(">H", 0)
+                                          + rawamqp.shortstr("") + rawamqp.shortstr(q) + b"\x00")
+                     + rawamqp.content_header_frame(ch, 100_000_000))
+            one = chunk[:1] + struct.pack(">H", ch) + chunk[3:]  # the same body frame on channel ch
+            hog.send(one * (2 * 1024 * 1024 // (hog.frame_max - 8)))
+            peak = max(peak, vm_status(p)["VmRSS"] * 1024)
+    except rawamqp.ConnectionClosed as e:
+        closed_with = e.reply_code
+    except OSError:
+        pass  # closed while we were still sending: read what it said below
+    if closed_with is None:
+        try:
+            while True:
+                f = hog.read_frame(timeout=10)
+                if f.type == rawamqp.FRAME_METHOD and f.method == rawamqp.CONNECTION_CLOSE:
+                    closed_with = f.args().unpack(">H")
+                    break
+        except (OSError, EOFError, rawamqp.ConnectionClosed) as e:
+            closed_with = getattr(e, "reply_code", closed_with)
+    hog.abort()
+    peak = max(peak, vm_status(p)["VmRSS"] * 1024)
+    # (the workers publish their counters every tick)
+    wait_metric(p, BUDGET_PUBLISHERS, lambda v: v >= 1, desc="the disconnect counted")
+    m = metrics(p)
+    report = "RSS before %.1f MiB, peak %.1f MiB (budget %d MiB + slack %d MiB); closed with %r; %s" % (
+        rss0 / 2**20, peak / 2**20, budget >> 20, slack >> 20, closed_with,
+        {k: m.get(k) for k in (BUDGET_PUBLISHERS, BUFFER_BYTES)})
+    print(report)
+    assert closed_with == 506, report
+    assert m.get(BUDGET_PUBLISHERS) == 1, report
+    assert peak - rss0 <= budget + slack, report
+
+    # The good client finishes its message; it arrives whole and confirmed.
+    good.send(frames[len(frames) // 2:])
+    good.expect(rawamqp.BASIC_ACK, channel=1)
+    got = good.basic_get(1, q)
+    assert got is not None and got["body"] == body
+    good.connection_close()
+    wait_metric(p, BUFFER_BYTES, lambda v: v < 1024 * 1024, desc="buffers given back")
+    can.finish(since)

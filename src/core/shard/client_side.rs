@@ -766,7 +766,8 @@ impl Shard {
             }
         });
         pending.clear();
-        if pending.capacity() > 256 * 1024 {
+        // Kept for the next publish unless large: it counts in the budget.
+        if pending.capacity() > 64 * 1024 {
             pending = Vec::new();
         }
         if let Some(link) = self.link_mut(id, ch) {

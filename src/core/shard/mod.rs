@@ -165,6 +165,29 @@ impl Shard {
                 }
             }
         }
+        self.count_inbound(id);
+    }
+
+    /// Counts what a client's input holds (unfinished publishes, an
+    /// incomplete frame) in the shared budget, and when all buffers
+    /// together are past it, closes the largest ones. A client can make
+    /// the proxy hold up to MAX_MESSAGE_SIZE per channel: without this,
+    /// a few clients sending large publishes slowly on many channels
+    /// would take all memory.
+    fn count_inbound(&mut self, id: ClientId) {
+        let Some(c) = self.clients.get_mut(id.0) else {
+            return;
+        };
+        if c.state != ClientState::Open {
+            return;
+        }
+        c.inbound = c.partial.capacity()
+            + c.channels
+                .values()
+                .map(|l| l.pending.capacity())
+                .sum::<usize>();
+        self.account(id);
+        self.make_room(0, id);
     }
 
     /// Whether the shell may read this client now (false while it is paused
@@ -405,7 +428,7 @@ impl Shard {
         let Some(c) = self.clients.get_mut(id.0) else {
             return;
         };
-        let now = c.out.capacity();
+        let now = c.out.capacity() + c.inbound;
         if now > c.budgeted {
             self.buffer_bytes
                 .fetch_add(now - c.budgeted, Ordering::Relaxed);
@@ -508,6 +531,8 @@ impl Shard {
             return;
         };
         let links: Vec<_> = c.channels.drain().collect();
+        c.inbound = 0;
+        self.account(id);
         for (ch, link) in links {
             let (uid, n) = (link.upstream, link.upstream_channel);
             let fence = self.settings.channel_reuse && reuse::reusable(&link);

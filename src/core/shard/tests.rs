@@ -873,6 +873,83 @@ fn under_the_budget_small_buffers_are_left_alone() {
     assert_eq!(p.client_out(a).len(), 4 * 3);
 }
 
+/// A Basic.Publish method and content header announcing `size` octets.
+fn publish_start(channel: u16, size: u64) -> Vec<u8> {
+    let mut d = method_frame(channel, method::BASIC_PUBLISH, &[0, 0, 0, 1, b'q', 0]);
+    let mut header = vec![0, 60, 0, 0];
+    header.extend_from_slice(&size.to_be_bytes());
+    header.extend_from_slice(&[0, 0]);
+    put_frame(&mut d, FRAME_HEADER, channel, &header);
+    d
+}
+
+#[test]
+fn unfinished_publishes_count_in_the_budget_and_the_largest_holder_is_closed() {
+    let budget = 1024 * 1024;
+    let settings = Settings {
+        client_buffer_budget: budget,
+        ..NO_REUSE()
+    };
+    let mut p = Pair::new(settings);
+    let (hog, up) = p.connected_client();
+    let (small, _) = {
+        let c = p.client("guest", "guest", &[], 131072);
+        p.client_out(c);
+        (c, ())
+    };
+    p.open_channel(small, up, 1);
+    // Small: one 200 KB message in progress, then done.
+    p.send_client(small, &publish_start(1, 200_000));
+    let mut body = Vec::new();
+    put_frame(&mut body, FRAME_BODY, 1, &vec![1u8; 100_000]);
+    p.send_client(small, &body);
+    // Hog: 20 channels, each a 100 MB message with 100 KB of it sent.
+    for ch in 1..=20u16 {
+        p.open_channel(hog, up, ch);
+        p.send_client(hog, &publish_start(ch, 100_000_000));
+        let mut body = Vec::new();
+        put_frame(&mut body, FRAME_BODY, ch, &vec![7u8; 100_000]);
+        p.send_client(hog, &body);
+        if closing(&p, hog) {
+            break;
+        }
+    }
+    assert!(
+        closing(&p, hog),
+        "the hog passed the budget and was not closed"
+    );
+    let got = p.client_out(hog);
+    assert_eq!(
+        close_of(got.last().unwrap()),
+        (
+            506,
+            "RESOURCE_ERROR - proxy buffer budget exceeded by unfinished publishes".into()
+        )
+    );
+    assert_eq!(p.shard.stats().budget_publisher_disconnects, 1);
+    assert!(
+        p.shard.buffer_bytes() < 512 * 1024,
+        "the hog's buffers are still counted: {}",
+        p.shard.buffer_bytes()
+    );
+    // The other publisher is untouched and its message goes up whole.
+    assert!(!closing(&p, small));
+    p.upstream_out(up);
+    p.send_client(small, &body);
+    let sent = p.upstream_out(up);
+    let bodies: usize = sent
+        .iter()
+        .filter(|f| f.0 == FRAME_BODY)
+        .map(|f| f.2.len())
+        .sum();
+    assert_eq!(bodies, 200_000);
+    // (Only the small message: none of the hog's went upstream.)
+    for c in [hog, small] {
+        p.shard.client_gone(c, p.now);
+    }
+    assert_eq!(p.shard.buffer_bytes(), 0);
+}
+
 fn closing(p: &Pair, c: ClientId) -> bool {
     frames(p.shard.output(ConnRef::Client(c)))
         .iter()

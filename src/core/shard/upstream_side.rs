@@ -430,20 +430,8 @@ impl Shard {
         } else {
             0
         };
-        // As many of the largest buffers as it takes to make room (each
-        // frees at least BUDGET_MIN_VICTIM).
-        while self.buffer_bytes() + growth > self.settings.client_buffer_budget
-            && self.budget_rescan_at.is_none_or(|at| self.now >= at)
-        {
-            match self.largest_buffer() {
-                Some(victim) => {
-                    self.slow_consumer(victim, "client_buffer_budget");
-                    if victim == client {
-                        return;
-                    }
-                }
-                None => self.budget_rescan_at = Some(self.now + super::TICK),
-            }
+        if !self.make_room(growth, client) {
+            return;
         }
         let Some(c) = self.clients.get(client.0) else {
             return;
@@ -464,6 +452,52 @@ impl Shard {
 const BUDGET_MIN_VICTIM: usize = 64 * 1024;
 
 impl Shard {
+    /// Closes as many of the largest buffers as it takes for `growth` more
+    /// bytes to fit the budget (each frees at least BUDGET_MIN_VICTIM).
+    /// False when `client` itself was closed.
+    pub(super) fn make_room(&mut self, growth: usize, client: ClientId) -> bool {
+        while self.buffer_bytes() + growth > self.settings.client_buffer_budget
+            && self.budget_rescan_at.is_none_or(|at| self.now >= at)
+        {
+            match self.largest_buffer() {
+                Some(victim) => {
+                    self.budget_victim(victim);
+                    if victim == client {
+                        return false;
+                    }
+                }
+                None => self.budget_rescan_at = Some(self.now + super::TICK),
+            }
+        }
+        true
+    }
+
+    /// Closes the client holding the largest buffer: a slow consumer, or a
+    /// publisher whose unfinished messages are bigger than its output.
+    fn budget_victim(&mut self, client: ClientId) {
+        let Some(c) = self.clients.get_mut(client.0) else {
+            return;
+        };
+        if c.inbound <= c.out.len() {
+            self.slow_consumer(client, "client_buffer_budget");
+            return;
+        }
+        log::warn!(
+            "client {}: {} bytes of unfinished publishes, the largest buffer past client_buffer_budget",
+            c.label(),
+            c.inbound
+        );
+        self.stats.budget_publisher_disconnects += 1;
+        self.fail_client(
+            client,
+            crate::core::errors::ConnectionError::new(
+                reply::RESOURCE_ERROR,
+                "RESOURCE_ERROR - proxy buffer budget exceeded by unfinished publishes",
+                (0, 0),
+            ),
+        );
+    }
+
     /// Disconnects a client that does not read what the broker sends it:
     /// drops its unsent deliveries (they are unacked, so they go back to
     /// their queues when the broker closes its channels; other frames stay,
@@ -495,13 +529,14 @@ impl Shard {
         }
     }
 
-    /// The open client of this shard with the most output waiting, if any
-    /// has at least [`BUDGET_MIN_VICTIM`].
+    /// The open client of this shard with the most output waiting plus
+    /// input held, if any has at least [`BUDGET_MIN_VICTIM`].
     fn largest_buffer(&self) -> Option<ClientId> {
+        let held = |c: &crate::core::client::Client| c.out.len() + c.inbound;
         self.clients
             .iter()
-            .filter(|(_, c)| c.state == ClientState::Open && c.out.len() >= BUDGET_MIN_VICTIM)
-            .max_by_key(|(_, c)| c.out.len())
+            .filter(|(_, c)| c.state == ClientState::Open && held(c) >= BUDGET_MIN_VICTIM)
+            .max_by_key(|(_, c)| held(c))
             .map(|(k, _)| ClientId(k))
     }
 }
