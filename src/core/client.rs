@@ -28,6 +28,13 @@ pub enum ClientState {
     Open,
     /// We sent Connection.Close; only CloseOk (or Close) matters now.
     ExpectCloseOk,
+    /// The client sent Connection.Close; its CloseOk waits until the
+    /// broker has deleted its exclusive queues (as RabbitMQ deletes them
+    /// before its CloseOk). Input is ignored.
+    Closing,
+    /// We sent CloseOk; the client closes the socket (as with RabbitMQ),
+    /// or we do at the close deadline. Input is ignored.
+    CloseOkSent,
     /// The socket is being flushed and closed; nothing more is processed.
     Closed,
 }
@@ -152,6 +159,9 @@ pub struct Client {
     pub credentials: Option<super::pool::Credentials>,
     /// Exclusive queues this client declared, to delete when it leaves.
     pub exclusive_queues: Vec<(UpstreamId, Vec<u8>)>,
+    /// Upstream channels deleting this client's exclusive queues, whose
+    /// CloseOk a closing client's own CloseOk waits for.
+    pub releasing: Vec<(UpstreamId, u16)>,
 }
 
 impl Client {
@@ -176,6 +186,7 @@ impl Client {
             paused: false,
             credentials: None,
             exclusive_queues: Vec::new(),
+            releasing: Vec::new(),
         }
     }
 

@@ -4,9 +4,8 @@ and acks, concurrent consumers, confirms, mandatory returns, consumer
 cancel notifications, tx, exchange-to-exchange and headers routing, large
 bodies, channel errors, direct reply-to, channel/connection churn,
 exclusive queues, clean close, exclusive queues gone when their owner's
-Close() returns). Two steps show proxy discrepancies and are strict xfails
-through the proxy (see KNOWN_BUGS); they must pass against RabbitMQ
-itself (AMQPROXY_TEST_DIRECT=1). The program is built once per module and
+Close() returns). Every step must pass through the proxy and against
+RabbitMQ itself (AMQPROXY_TEST_DIRECT=1). The program is built once per module and
 run with the step number; it prints "ok N ..." and "go features ok"."""
 
 import os
@@ -16,7 +15,6 @@ import subprocess
 
 import pytest
 
-from conftest import DIRECT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.dirname(HERE)
@@ -41,42 +39,12 @@ STEPS = [
 ]
 
 
-class KnownProxyBug(AssertionError):
-    """The failure is exactly the known proxy discrepancy of its step."""
-
-
-# Step 13 through the proxy: the proxy closes the client's socket right
-# after sending Connection.Close-Ok (src/core/shard/client_side.rs,
-# client_connection_close -> close_client_now); RabbitMQ leaves that to the
-# client. amqp091-go's reader then hits EOF while Close() is returning and
-# its shutdown(501 "EOF") races Close's shutdown(nil): NotifyClose (of the
-# connection and of its channels) reports Exception (501) "EOF" after most
-# clean closes (about 70%; the step tries 20 connections).
-CLEAN_CLOSE_BUG = re.compile(
-    r"FAIL step 13 .*\d+ of 20 clean Close\(\) calls \(Close\(\) returned nil\) were followed by an error on NotifyClose: "
-    r"#\d+: connection NotifyClose: Exception \(501\) Reason: \"EOF\"")
-
-
-# Step 14 through the proxy: RabbitMQ deletes a connection's exclusive
-# queues before it sends Connection.Close-Ok. The proxy answers the client's
-# Close at once and only then deletes them upstream (Channel.Open +
-# Queue.Delete nowait on a channel of its own, src/core/shard/exclusive.rs
-# release_exclusive_queues): right after the owner's Close() returned,
-# another client's passive declare gets 405 RESOURCE_LOCKED (other upstream
-# connection) or even succeeds (same upstream connection: the queue is
-# visible and usable) instead of 404, in about half of the 20 rounds.
-EXCLUSIVE_BUG = re.compile(
-    r"FAIL step 14 .*exclusive queue not gone when its owner's Close\(\) returned: \d+ of 20 rounds; "
-    r"another connection's passive declare right after: 404 x\d+, 405 RESOURCE_LOCKED x\d+, succeeded")
-
-KNOWN_BUGS = {
-    13: (CLEAN_CLOSE_BUG,
-         "proxy closes the client socket right after Connection.Close-Ok; amqp091-go then "
-         "reports Exception (501) \"EOF\" on NotifyClose after a clean Close()"),
-    14: (EXCLUSIVE_BUG,
-         "proxy sends Connection.Close-Ok before the owner's exclusive queues are deleted "
-         "upstream; right after Close() others get 405 or even see the queue instead of 404"),
-}
+# Steps 13 and 14 found two proxy discrepancies, fixed since: the proxy
+# closed the client's socket right after Connection.Close-Ok (amqp091-go
+# then reported Exception (501) "EOF" on NotifyClose after most clean
+# Close() calls), and it answered Close before the owner's exclusive queues
+# were deleted upstream (right after Close() another client got 405 or even
+# used the queue instead of 404). RabbitMQ does neither.
 
 
 def _env(gocache):
@@ -95,22 +63,11 @@ def features_bin(tmp_path_factory):
     return out
 
 
-def _step_marks(num):
-    """Known proxy discrepancies: xfail (strict), but only for exactly the
-    known symptom (KnownProxyBug); any other failure of the step fails."""
-    if num in KNOWN_BUGS and not DIRECT:
-        return [pytest.mark.xfail(strict=True, raises=KnownProxyBug, reason=KNOWN_BUGS[num][1])]
-    return []
-
-
-@pytest.mark.parametrize("num", [pytest.param(n, id="%02d-%s" % (n, name), marks=_step_marks(n))
-                                 for n, name in STEPS])
+@pytest.mark.parametrize("num", [pytest.param(n, id="%02d-%s" % (n, name)) for n, name in STEPS])
 def test_go_features(proxy, features_bin, num):
     r = subprocess.run([features_bin, proxy.host, str(proxy.port), str(num)],
                        capture_output=True, text=True, timeout=110)
     report = "amqp091_features step %d exited %d:\n%s\n%s" % (num, r.returncode, r.stdout, r.stderr)
-    if r.returncode != 0 and num in KNOWN_BUGS and not proxy.direct and KNOWN_BUGS[num][0].search(r.stdout):
-        raise KnownProxyBug(report)
     assert r.returncode == 0, report
     assert re.search(r"^ok +%d " % num, r.stdout, re.M), report
     assert "go features ok" in r.stdout, report

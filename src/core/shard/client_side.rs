@@ -35,7 +35,7 @@ impl Shard {
             let frame_max = c.frame_max;
             // After Connection.Close was sent, frames are still read so
             // the client's CloseOk is seen; once closed, nothing is.
-            if state == ClientState::Closed {
+            if super::ignores_input(state) {
                 return buf.len();
             }
             if state == ClientState::ExpectProtocolHeader {
@@ -153,7 +153,10 @@ impl Shard {
                 }
                 Ok(())
             }
-            ClientState::ExpectProtocolHeader | ClientState::Closed => Ok(()),
+            ClientState::ExpectProtocolHeader
+            | ClientState::Closing
+            | ClientState::CloseOkSent
+            | ClientState::Closed => Ok(()),
         }
     }
 
@@ -287,11 +290,32 @@ impl Shard {
     /// and it gets CloseOk at once.
     fn client_connection_close(&mut self, id: ClientId) {
         self.release_client_channels(id);
-        self.client_send(id, |out| put_close_ok(out, 0));
-        if let Some(c) = self.clients.get(id.0) {
-            log::info!("client {} closed the connection", c.label());
+        let now = self.now;
+        let Some(c) = self.clients.get_mut(id.0) else {
+            return;
+        };
+        log::info!("client {} closed the connection", c.label());
+        c.partial = Vec::new();
+        if c.releasing.is_empty() {
+            self.send_close_ok(id);
+        } else {
+            // CloseOk once the broker has deleted its exclusive queues.
+            c.state = ClientState::Closing;
+            c.deadline = Some(now + crate::core::CLOSE_TIMEOUT);
         }
-        self.close_client_now(id);
+    }
+
+    /// Answers a client's Connection.Close and waits for it to close the
+    /// socket (the peer that sent Close does, once it has CloseOk; closing
+    /// first makes some clients report an error after a clean close).
+    pub(super) fn send_close_ok(&mut self, id: ClientId) {
+        self.client_send(id, |out| put_close_ok(out, 0));
+        let now = self.now;
+        if let Some(c) = self.clients.get_mut(id.0) {
+            c.state = ClientState::CloseOkSent;
+            c.deadline = Some(now + crate::core::CLOSE_TIMEOUT);
+            c.releasing.clear();
+        }
     }
 
     fn client_open_frame(&mut self, id: ClientId, frame: Frame<'_>) -> Result<(), ConnectionError> {

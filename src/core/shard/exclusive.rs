@@ -11,6 +11,7 @@
 //! allowed, as on the broker.
 
 use super::Shard;
+use crate::core::client::ClientState;
 use crate::core::upstream::{Slot, SlotState, UpstreamState};
 use crate::core::{ClientId, UpstreamId};
 use crate::protocol::codec::{put_shortstr, put_u16};
@@ -172,9 +173,11 @@ impl Shard {
             if u.state != UpstreamState::Open {
                 continue; // the broker deletes them with the connection
             }
+            // Owner (client, 0): no client channel; the broker's CloseOk
+            // tells the client's close that the queue is gone.
             let Some(n) = u.allocate(Slot {
                 state: SlotState::Closing,
-                owner: None,
+                owner: Some((client, 0)),
             }) else {
                 log::warn!(
                     "cannot delete exclusive queue {:?}: no free upstream channel",
@@ -197,6 +200,27 @@ impl Shard {
                     (0, 0),
                 );
             });
+            if let Some(c) = self.clients.get_mut(client.0) {
+                c.releasing.push((uid, n));
+            }
+        }
+    }
+
+    /// Deletions of a client's exclusive queues that are over (the
+    /// broker's CloseOk for the channel that deleted one, or the upstream
+    /// connection gone): a closing client gets its CloseOk after the last.
+    pub(super) fn exclusive_released(
+        &mut self,
+        client: ClientId,
+        done: impl Fn(&(UpstreamId, u16)) -> bool,
+    ) {
+        let Some(c) = self.clients.get_mut(client.0) else {
+            return;
+        };
+        let before = c.releasing.len();
+        c.releasing.retain(|r| !done(r));
+        if c.releasing.len() < before && c.releasing.is_empty() && c.state == ClientState::Closing {
+            self.send_close_ok(client);
         }
     }
 }

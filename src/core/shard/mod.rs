@@ -149,7 +149,7 @@ impl Shard {
         if c.partial.is_empty() {
             let used = self.client_bytes(id, data);
             if let Some(c) = self.clients.get_mut(id.0) {
-                if used < data.len() && c.state != ClientState::Closed {
+                if used < data.len() && !ignores_input(c.state) {
                     c.partial.extend_from_slice(&data[used..]);
                 }
             }
@@ -159,7 +159,7 @@ impl Shard {
             let used = self.client_bytes(id, &buf);
             if let Some(c) = self.clients.get_mut(id.0) {
                 buf.drain(..used.min(buf.len()));
-                if c.state != ClientState::Closed {
+                if !ignores_input(c.state) {
                     shrink_if_large(&mut buf);
                     c.partial = buf;
                 }
@@ -633,6 +633,8 @@ impl Shard {
             if let Some(c) = self.clients.get_mut(client.0) {
                 c.channels.retain(|_, l| l.upstream != id);
             }
+            // The broker drops exclusive queues with the connection.
+            self.exclusive_released(client, |(u, _)| *u == id);
             self.fail_client(client, ConnectionError::new(code, text, (0, 0)));
         }
         if !was_open {
@@ -718,7 +720,21 @@ impl Shard {
 
 /// States in which the client still takes part in the protocol.
 fn is_live(state: ClientState) -> bool {
-    !matches!(state, ClientState::ExpectCloseOk | ClientState::Closed)
+    !matches!(
+        state,
+        ClientState::ExpectCloseOk
+            | ClientState::Closing
+            | ClientState::CloseOkSent
+            | ClientState::Closed
+    )
+}
+
+/// States in which nothing the client sends is read any more.
+fn ignores_input(state: ClientState) -> bool {
+    matches!(
+        state,
+        ClientState::Closing | ClientState::CloseOkSent | ClientState::Closed
+    )
 }
 
 #[cfg(test)]

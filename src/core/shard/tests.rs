@@ -2,7 +2,7 @@
 //! under a virtual clock, byte for byte.
 
 use super::*;
-use crate::core::Action;
+use crate::core::{Action, CLOSE_TIMEOUT};
 use crate::protocol::constants::{method, FRAME_BODY, FRAME_HEADER, FRAME_HEARTBEAT, FRAME_METHOD};
 use crate::protocol::frame::{parse_frame, put_frame, FrameStatus};
 use crate::protocol::methods::{self as m, Close, StartOk, Tune};
@@ -1197,6 +1197,119 @@ fn a_failed_upstream_writes_no_exclusive_queue_deletes() {
         sent.iter().all(|f| f.1 == 0),
         "only connection-level frames go to a closing broker: {sent:?}"
     );
+}
+
+fn close_connection(p: &mut Pair, c: ClientId) {
+    let mut close = Vec::new();
+    m::put_close(&mut close, 0, 200, b"bye", (0, 0));
+    p.send_client(c, &close);
+}
+
+fn closes_socket(actions: &[Action], c: ClientId) -> bool {
+    actions
+        .iter()
+        .any(|a| matches!(a, Action::CloseAfterFlush(ConnRef::Client(x)) if *x == c))
+}
+
+#[test]
+fn after_close_ok_the_client_closes_the_socket_or_the_deadline_does() {
+    // As RabbitMQ: the peer that sent Close closes the socket once it has
+    // CloseOk. Closing it first made amqp091-go report EOF after a clean
+    // Close().
+    let mut p = Pair::new(Settings::default());
+    let (a, up) = p.connected_client();
+    p.open_channel(a, up, 1);
+    p.actions();
+    close_connection(&mut p, a);
+    let got = p.client_out(a);
+    assert_eq!(mid(&got[0]), Some(method::CONNECTION_CLOSE_OK));
+    assert!(
+        !closes_socket(&p.actions(), a),
+        "the socket stays open for the client to close"
+    );
+    // Anything more it sends is ignored.
+    p.send_client(a, &publish(1, b"q", b"late"));
+    assert!(p.client_out(a).is_empty());
+    // The client closes: gone.
+    p.shard.client_gone(a, p.now);
+    assert_eq!(p.shard.counts().clients, 0);
+
+    // One that never closes is closed at the deadline.
+    let b = p.client("guest", "guest", &[], 131072);
+    p.client_out(b);
+    close_connection(&mut p, b);
+    assert_eq!(mid(&p.client_out(b)[0]), Some(method::CONNECTION_CLOSE_OK));
+    p.advance(CLOSE_TIMEOUT / 2);
+    assert!(!closes_socket(&p.actions(), b));
+    p.advance(CLOSE_TIMEOUT);
+    assert!(closes_socket(&p.actions(), b));
+}
+
+#[test]
+fn close_ok_waits_until_the_broker_deleted_the_exclusive_queues() {
+    // RabbitMQ deletes a connection's exclusive queues before its CloseOk,
+    // so once Close() returns another client finds them gone (404).
+    let mut p = Pair::new(Settings::default());
+    let (a, up) = p.connected_client();
+    let na = p.open_channel(a, up, 1);
+    p.send_client(a, &queue_method(1, method::QUEUE_DECLARE, b"qx", EXCLUSIVE));
+    p.send_upstream(up, &declare_ok(na, b"qx"));
+    p.send_client(a, &queue_method(1, method::QUEUE_DECLARE, b"qy", EXCLUSIVE));
+    p.send_upstream(up, &declare_ok(na, b"qy"));
+    p.upstream_out(up);
+    p.client_out(a);
+    close_connection(&mut p, a);
+    assert!(
+        p.client_out(a).is_empty(),
+        "no CloseOk before the deletes are done"
+    );
+    let sent = p.upstream_out(up);
+    let deleters: Vec<u16> = sent
+        .iter()
+        .filter(|f| mid(f) == Some(method::QUEUE_DELETE))
+        .map(|f| f.1)
+        .collect();
+    assert_eq!(deleters.len(), 2);
+    let mut ok = Vec::new();
+    m::put_close_ok(&mut ok, deleters[0]);
+    p.send_upstream(up, &ok);
+    assert!(
+        p.client_out(a).is_empty(),
+        "one queue is still being deleted"
+    );
+    let mut ok = Vec::new();
+    m::put_close_ok(&mut ok, deleters[1]);
+    p.send_upstream(up, &ok);
+    assert_eq!(mid(&p.client_out(a)[0]), Some(method::CONNECTION_CLOSE_OK));
+
+    // The broker never answers: CloseOk at the deadline all the same.
+    let b = p.client("guest", "guest", &[], 131072);
+    p.client_out(b);
+    p.upstream_out(up);
+    let nb = p.open_channel(b, up, 1);
+    p.send_client(b, &queue_method(1, method::QUEUE_DECLARE, b"qz", EXCLUSIVE));
+    p.send_upstream(up, &declare_ok(nb, b"qz"));
+    p.client_out(b);
+    close_connection(&mut p, b);
+    assert!(p.client_out(b).is_empty());
+    p.advance(CLOSE_TIMEOUT * 2);
+    assert_eq!(mid(&p.client_out(b)[0]), Some(method::CONNECTION_CLOSE_OK));
+
+    // The upstream connection fails meanwhile: the broker dropped the
+    // queues with it, CloseOk at once.
+    let c = p.client("guest", "guest", &[], 131072);
+    p.client_out(c);
+    p.upstream_out(up);
+    let nc = p.open_channel(c, up, 1);
+    p.send_client(c, &queue_method(1, method::QUEUE_DECLARE, b"qw", EXCLUSIVE));
+    p.send_upstream(up, &declare_ok(nc, b"qw"));
+    p.client_out(c);
+    close_connection(&mut p, c);
+    assert!(p.client_out(c).is_empty());
+    let mut close = Vec::new();
+    m::put_close(&mut close, 0, 320, b"CONNECTION_FORCED - test", (0, 0));
+    p.send_upstream(up, &close);
+    assert_eq!(mid(&p.client_out(c)[0]), Some(method::CONNECTION_CLOSE_OK));
 }
 
 #[test]

@@ -36,7 +36,18 @@ impl Shard {
             return;
         }
         if c.deadline.is_some_and(|d| now >= d) {
-            if c.state != ClientState::ExpectCloseOk {
+            if c.state == ClientState::Closing {
+                log::warn!(
+                    "client {}: the broker did not confirm the deletion of its exclusive queues in time",
+                    c.label()
+                );
+                self.send_close_ok(id);
+                return;
+            }
+            if !matches!(
+                c.state,
+                ClientState::ExpectCloseOk | ClientState::CloseOkSent
+            ) {
                 log::info!(
                     "client {}: handshake timeout in state {:?}",
                     c.label(),

@@ -356,7 +356,9 @@ impl Shard {
             Some(method::CHANNEL_CLOSE_OK) => {
                 if slot.state == SlotState::Closing {
                     self.free_slot(id, n);
-                    if let Some((client, ch)) = slot.owner {
+                    if let Some((client, 0)) = slot.owner {
+                        self.exclusive_released(client, |r| *r == (id, n));
+                    } else if let Some((client, ch)) = slot.owner {
                         let ours = self.link(client, ch).is_some_and(|l| {
                             l.upstream == id
                                 && l.upstream_channel == n
