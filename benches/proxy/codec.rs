@@ -4,7 +4,7 @@
 
 use crate::amqp;
 use crate::report::{f, Json, Table};
-use crate::Ctx;
+use crate::{Ctx, TargetCheck};
 use amqproxy::core::{Action, ConnRef, Settings, Shard};
 use amqproxy::protocol::frame::{parse_frame, put_frame, set_channel};
 use amqproxy::protocol::FrameStatus;
@@ -148,6 +148,63 @@ fn shard_publish(min: Duration, size: usize) -> io::Result<(f64, f64)> {
     Ok((ns, per_msg as f64))
 }
 
+/// Basic.Consume (nowait) of queue `bench` with consumer tag `tag`.
+fn consume(out: &mut Vec<u8>, tag: &[u8]) {
+    let mut args = vec![0, 0]; // ticket
+    amqp::shortstr(&mut args, b"bench");
+    amqp::shortstr(&mut args, tag);
+    args.push(0b1000); // nowait
+    args.extend_from_slice(&[0, 0, 0, 0]); // arguments
+    amqp::put_method(out, 1, (60, 20), &args);
+}
+
+/// Basic.Cancel (nowait) of consumer tag `tag`.
+fn cancel(out: &mut Vec<u8>, tag: &[u8]) {
+    let mut args = Vec::new();
+    amqp::shortstr(&mut args, tag);
+    args.push(1); // nowait
+    amqp::put_method(out, 1, (60, 30), &args);
+}
+
+/// ns per Basic.Consume + Basic.Cancel (nowait) on a channel that already
+/// has `active` consumers: the proxy checks each tag against the channel's
+/// active ones (RabbitMQ answers a reused tag with a connection error), so
+/// this is flat in `active` only if that check is.
+fn shard_consume(min: Duration, active: usize) -> io::Result<f64> {
+    let (mut shard, c, up, now) = connected_shard()?;
+    let mut preload = Vec::new();
+    for i in 0..active {
+        consume(&mut preload, format!("held-{i}").as_bytes()); // these stay
+    }
+    for chunk in preload.chunks(64 * 1024) {
+        shard.client_data(c, chunk, now);
+        let n = shard.output(ConnRef::Upstream(up)).len();
+        shard.output_written(ConnRef::Upstream(up), n);
+    }
+    let count = 2000;
+    let mut stream = Vec::new();
+    for i in 0..count {
+        let tag = format!("cycle-{i}");
+        consume(&mut stream, tag.as_bytes());
+        cancel(&mut stream, tag.as_bytes());
+    }
+    let mut forwarded = 0usize;
+    let ns = time_per_item(min, count as u64, || {
+        shard.client_data(c, &stream, now);
+        let n = shard.output(ConnRef::Upstream(up)).len();
+        forwarded += n;
+        shard.output_written(ConnRef::Upstream(up), n);
+    });
+    if forwarded == 0 || forwarded % stream.len() != 0 || shard.counts().clients != 1 {
+        return Err(io::Error::other(format!(
+            "consume bench: {forwarded} bytes forwarded for {} fed, {} clients",
+            stream.len(),
+            shard.counts().clients
+        )));
+    }
+    Ok(ns)
+}
+
 pub fn scenario(ctx: &mut Ctx) -> io::Result<()> {
     if cfg!(debug_assertions) {
         eprintln!("codec: warning: built without optimisations; run through `cargo bench`");
@@ -157,6 +214,8 @@ pub fn scenario(ctx: &mut Ctx) -> io::Result<()> {
     let (in_place, copying) = parse_and_rewrite(min);
     let (p16, w16) = shard_publish(min, 16)?;
     let (p4k, w4k) = shard_publish(min, 4096)?;
+    let consume_few = shard_consume(min, 10)?;
+    let consume_many = shard_consume(min, 20_000)?;
     let mut table = Table::new(
         "codec micro-benchmarks (library, no I/O)",
         &["operation", "ns", "per", "GB/s"],
@@ -186,6 +245,28 @@ pub fn scenario(ctx: &mut Ctx) -> io::Result<()> {
         "message".into(),
         gbs(p4k, w4k),
     ]);
+    table.row(vec![
+        "Shard: Consume + Cancel (nowait), 10 consumers active".into(),
+        f(consume_few, 1),
+        "pair".into(),
+        "-".into(),
+    ]);
+    table.row(vec![
+        "Shard: Consume + Cancel (nowait), 20,000 consumers active".into(),
+        f(consume_many, 1),
+        "pair".into(),
+        "-".into(),
+    ]);
+    table.note(format!(
+        "consumer tags: 20,000 active / 10 active = {:.2}x per Consume + Cancel (the duplicate-tag check must not grow with the consumers a channel holds)",
+        consume_many / consume_few
+    ));
+    ctx.targets.push(TargetCheck {
+        name: "consumer-tag check, Consume+Cancel with 20,000 vs 10 active".into(),
+        target: "≤ 2× (flat)".into(),
+        measured: format!("{:.2}×", consume_many / consume_few),
+        met: Some(consume_many / consume_few <= 2.0),
+    });
     table.note("publish frames as the load tool sends them (default exchange, routing key `bench`, no properties); the Shard is fed 64 KiB slices, like the worker's reads, so frames straddle slice ends as they do on a socket");
     table.note(format!("a 16 B publish is {w16} bytes on the wire, a 4 KiB one {w4k}; the single-core ceiling this implies for the core alone is {} msgs/s (16 B)", crate::report::rate(1e9 / p16)));
     ctx.tables.push(table);
@@ -196,6 +277,8 @@ pub fn scenario(ctx: &mut Ctx) -> io::Result<()> {
             ("parse_and_copy_ns_per_frame", copying.into()),
             ("shard_publish_16b_ns", p16.into()),
             ("shard_publish_4k_ns", p4k.into()),
+            ("shard_consume_cancel_10_active_ns", consume_few.into()),
+            ("shard_consume_cancel_20000_active_ns", consume_many.into()),
             ("publish_16b_wire_bytes", w16.into()),
             ("publish_4k_wire_bytes", w4k.into()),
         ]),

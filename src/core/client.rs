@@ -82,7 +82,7 @@ pub struct ChannelLink {
     /// exclusive declare (its DeclareOk names the queue to record).
     pub declares: std::collections::VecDeque<bool>,
     /// Consumer tags active on this channel.
-    pub consumer_tags: Vec<Vec<u8>>,
+    pub consumer_tags: std::collections::HashSet<Vec<u8>>,
     /// Since Channel.Open the client only did what leaves no state on the
     /// channel (see `reuse::leaves_no_state`), so it may be reused.
     pub safe: bool,

@@ -536,7 +536,7 @@ impl Shard {
                     publishing: Publishing::Idle,
                     pending: Vec::new(),
                     declares: Default::default(),
-                    consumer_tags: Vec::new(),
+                    consumer_tags: Default::default(),
                     safe: true,
                     reused: state == ChannelState::Open,
                     declared: false,

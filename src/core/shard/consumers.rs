@@ -2,7 +2,9 @@
 //! a tag still active on its channel with a *connection* error (530
 //! NOT_ALLOWED, "attempt to reuse consumer tag"), which would close the
 //! shared upstream connection; the proxy tracks the tags of each client
-//! channel and answers that error itself.
+//! channel and answers that error itself. A hash set: a client may hold
+//! any number of consumers, and a list made each Consume cost O(consumers)
+//! on the worker every client of it shares.
 
 use super::exclusive::queue_of;
 use super::Shard;
@@ -62,7 +64,7 @@ impl Shard {
                 let Some(tag) = consume_tag(payload).filter(|t| tracked && !t.is_empty()) else {
                     return Ok(()); // the broker names it; ConsumeOk tells us
                 };
-                if link.consumer_tags.iter().any(|t| t == tag) {
+                if link.consumer_tags.contains(tag) {
                     return Err(ConnectionError::not_allowed(
                         format!(
                             "attempt to reuse consumer tag '{}'",
@@ -71,11 +73,11 @@ impl Shard {
                         mid,
                     ));
                 }
-                link.consumer_tags.push(tag.to_vec());
+                link.consumer_tags.insert(tag.to_vec());
             }
             method::BASIC_CANCEL => {
                 if let Some(tag) = leading_tag(payload) {
-                    link.consumer_tags.retain(|t| t != tag);
+                    link.consumer_tags.remove(tag);
                 }
             }
             _ => {}
@@ -92,8 +94,8 @@ impl Shard {
             return;
         }
         if let Some(tag) = leading_tag(payload) {
-            if !link.consumer_tags.iter().any(|t| t == tag) {
-                link.consumer_tags.push(tag.to_vec());
+            if !link.consumer_tags.contains(tag) {
+                link.consumer_tags.insert(tag.to_vec());
             }
         }
     }
@@ -104,7 +106,7 @@ impl Shard {
             return;
         };
         if let Some(tag) = leading_tag(payload) {
-            link.consumer_tags.retain(|t| t != tag);
+            link.consumer_tags.remove(tag);
         }
     }
 }
