@@ -158,7 +158,7 @@ pub struct Client {
     /// Waiting for TuneOk/Open: credentials from StartOk.
     pub credentials: Option<super::pool::Credentials>,
     /// Exclusive queues this client declared, to delete when it leaves.
-    pub exclusive_queues: Vec<(UpstreamId, Vec<u8>)>,
+    pub exclusive_queues: std::collections::HashSet<(UpstreamId, Vec<u8>)>,
     /// Upstream channels deleting this client's exclusive queues, whose
     /// CloseOk a closing client's own CloseOk waits for.
     pub releasing: Vec<(UpstreamId, u16)>,
@@ -185,7 +185,7 @@ impl Client {
             deadline: Some(now + settings.handshake_timeout),
             paused: false,
             credentials: None,
-            exclusive_queues: Vec::new(),
+            exclusive_queues: Default::default(),
             releasing: Vec::new(),
         }
     }

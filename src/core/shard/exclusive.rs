@@ -110,8 +110,7 @@ impl Shard {
                     u.exclusive.remove(&queue);
                 }
                 if let Some(c) = self.clients.get_mut(id.0) {
-                    c.exclusive_queues
-                        .retain(|(u, q)| !(*u == uid && *q == queue));
+                    c.exclusive_queues.remove(&(uid, queue));
                 }
             }
             _ => {}
@@ -144,13 +143,7 @@ impl Shard {
             u.exclusive.insert(queue.clone(), client);
         }
         if let Some(c) = self.clients.get_mut(client.0) {
-            if !c
-                .exclusive_queues
-                .iter()
-                .any(|(u, q)| *u == uid && *q == queue)
-            {
-                c.exclusive_queues.push((uid, queue));
-            }
+            c.exclusive_queues.insert((uid, queue));
         }
     }
 
@@ -161,7 +154,11 @@ impl Shard {
         let Some(c) = self.clients.get_mut(client.0) else {
             return;
         };
-        let queues = std::mem::take(&mut c.exclusive_queues);
+        // In a fixed order (the set's is random): deterministic output.
+        let mut queues: Vec<_> = std::mem::take(&mut c.exclusive_queues)
+            .into_iter()
+            .collect();
+        queues.sort();
         for (uid, queue) in queues {
             let Some(u) = self.upstreams.get_mut(uid.0) else {
                 continue;

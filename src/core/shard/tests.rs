@@ -1168,7 +1168,7 @@ fn exclusive_queues_are_locked_to_their_owner_and_deleted_when_it_leaves() {
         .filter(|f| mid(f) == Some(method::QUEUE_DELETE))
         .map(|f| f.2[7..7 + f.2[6] as usize].to_vec())
         .collect();
-    assert_eq!(deletes, vec![b"qx".to_vec(), b"amq.gen-1".to_vec()]);
+    assert_eq!(deletes, vec![b"amq.gen-1".to_vec(), b"qx".to_vec()]);
     // And B may now use the name.
     p.send_client(b, &queue_method(1, method::QUEUE_DECLARE, b"qx", EXCLUSIVE));
     assert!(p.client_out(b).is_empty());
