@@ -46,9 +46,17 @@ impl Shard {
                 pos += 8;
                 continue;
             }
+            // Paused for a full upstream: the rest waits, unparsed, until
+            // it drains (one read at most).
+            if c.paused {
+                return pos;
+            }
             match parse_frame(&buf[pos..], frame_max) {
                 Ok(FrameStatus::Partial) => return pos,
                 Ok(FrameStatus::Complete(frame, used)) => {
+                    if self.publish_must_wait(id, &frame) {
+                        return pos;
+                    }
                     pos += used;
                     self.stats.frames_from_clients += 1;
                     if let Err(e) = self.client_frame(id, frame) {
@@ -62,6 +70,42 @@ impl Shard {
                 }
             }
         }
+    }
+
+    /// A Basic.Publish for an upstream connection already past its
+    /// high-water mark: the client is paused before the message starts, so
+    /// the proxy does not take one more message per client (per channel)
+    /// while the broker is not reading (a memory alarm, a stall).
+    fn publish_must_wait(&mut self, id: ClientId, frame: &Frame<'_>) -> bool {
+        if frame.frame_type != FRAME_METHOD || frame.channel == 0 {
+            return false;
+        }
+        if methods::method_id(frame.payload).ok() != Some(method::BASIC_PUBLISH) {
+            return false;
+        }
+        let Some(link) = self.link(id, frame.channel) else {
+            return false;
+        };
+        if link.state != ChannelState::Open {
+            return false;
+        }
+        let uid = link.upstream;
+        let Some(u) = self.upstreams.get_mut(uid.0) else {
+            return false;
+        };
+        if u.out.len() < UPSTREAM_HIGH_WATER {
+            return false;
+        }
+        let Some(c) = self.clients.get_mut(id.0) else {
+            return false;
+        };
+        if c.state != ClientState::Open {
+            return false;
+        }
+        c.paused = true;
+        self.stats.backpressure_pauses += 1;
+        u.paused_clients.push(id);
+        true
     }
 
     fn client_protocol_header(&mut self, id: ClientId, header: &[u8]) {

@@ -190,6 +190,24 @@ impl Shard {
         self.make_room(0, id);
     }
 
+    /// Ends a backpressure pause: the frames left unparsed when it began
+    /// are handled now (the socket may have nothing more to say), then the
+    /// shell reads the socket again.
+    fn resume_client(&mut self, id: ClientId) {
+        let Some(c) = self.clients.get_mut(id.0) else {
+            return;
+        };
+        if !c.paused {
+            return;
+        }
+        c.paused = false;
+        self.actions.push(Action::Resume(id));
+        if !c.partial.is_empty() {
+            let now = self.now;
+            self.client_data(id, &[], now);
+        }
+    }
+
     /// Whether the shell may read this client now (false while it is paused
     /// for upstream backpressure, or gone).
     pub fn client_may_read(&self, id: ClientId) -> bool {
@@ -303,10 +321,7 @@ impl Shard {
                 u.out.consume(n);
                 if u.out.len() < UPSTREAM_LOW_WATER && !u.paused_clients.is_empty() {
                     for c in std::mem::take(&mut u.paused_clients) {
-                        if let Some(client) = self.clients.get_mut(c.0) {
-                            client.paused = false;
-                            self.actions.push(Action::Resume(c));
-                        }
+                        self.resume_client(c);
                     }
                 }
             }
@@ -617,6 +632,8 @@ impl Shard {
         u.exclusive.clear();
         // Clients paused on this connection must be read again, if only to
         // see their CloseOk.
+        // (Not resume_client: what they left unparsed is for this
+        // connection, and they are about to be closed.)
         for c in std::mem::take(&mut u.paused_clients) {
             if let Some(client) = self.clients.get_mut(c.0) {
                 client.paused = false;

@@ -731,6 +731,48 @@ fn full_upstream_pauses_only_the_clients_feeding_it_until_it_drains() {
 }
 
 #[test]
+fn a_publish_for_a_full_upstream_waits_unread_until_it_drains() {
+    // A broker that stops reading (memory alarm, stall): each client that
+    // starts a publish towards it is paused before the message, so the
+    // proxy does not take one more message per client while it waits.
+    let mut p = Pair::new(Settings::default());
+    let (a, up) = p.connected_client();
+    p.open_channel(a, up, 1);
+    let b = p.client("guest", "guest", &[], 131072);
+    p.client_out(b);
+    p.open_channel(b, up, 1);
+    let body = vec![1u8; 64 * 1024];
+    while p.shard.client_may_read(a) {
+        p.send_client(a, &publish(1, b"q", &body));
+    }
+    let queued = p.shard.output(ConnRef::Upstream(up)).len();
+    assert!(queued >= crate::core::UPSTREAM_HIGH_WATER);
+    // B's publish (and a heartbeat after it) is not taken.
+    let big = vec![2u8; 100 * 1024];
+    let mut bytes = publish(1, b"q", &big);
+    bytes.extend_from_slice(&[8, 0, 0, 0, 0, 0, 0, 0xCE]);
+    p.send_client(b, &bytes);
+    assert!(!p.shard.client_may_read(b), "B is paused");
+    assert_eq!(
+        p.shard.output(ConnRef::Upstream(up)).len(),
+        queued,
+        "nothing of B's message was queued upstream"
+    );
+    p.actions();
+    // The broker reads everything: B's message goes up whole.
+    p.shard.output_written(ConnRef::Upstream(up), queued);
+    assert!(p.shard.client_may_read(b));
+    let sent = p.upstream_out(up);
+    let bodies: usize = sent
+        .iter()
+        .filter(|f| f.0 == FRAME_BODY)
+        .map(|f| f.2.len())
+        .sum();
+    assert_eq!(bodies, big.len());
+    assert!(p.actions().contains(&Action::Resume(b)));
+}
+
+#[test]
 fn slow_consumer_is_closed_with_506_and_the_upstream_keeps_flowing() {
     let settings = Settings {
         client_buffer_limit: 64 * 1024,
