@@ -205,6 +205,35 @@ fn shard_consume(min: Duration, active: usize) -> io::Result<f64> {
     Ok(ns)
 }
 
+/// ns per frame for dropping a slow consumer's unsent output: 16 MB of
+/// small deliveries (method, header, 1-byte body) spread over `channels`
+/// channels, the socket having taken the first 10 bytes.
+fn drop_unsent(channels: u16) -> f64 {
+    use amqproxy::core::outbuf::OutBuf;
+    let mut o = OutBuf::new();
+    let mut frames = 0u64;
+    let mut ch = 0u16;
+    while o.len() < 16 << 20 {
+        ch = ch % channels + 1;
+        let deliver = [0, 60, 0, 60, 1, b'c', 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 1, b'q'];
+        put_frame(o.tail(), 1, ch, &deliver);
+        put_frame(
+            o.tail(),
+            2,
+            ch,
+            &[0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0],
+        );
+        put_frame(o.tail(), 3, ch, b"x");
+        frames += 3;
+    }
+    o.consume(10);
+    let t = Instant::now();
+    let dropped = black_box(o.drop_unsent());
+    let ns = t.elapsed().as_nanos() as f64 / frames as f64;
+    assert!(dropped > 15 << 20, "dropped only {dropped} bytes");
+    ns
+}
+
 pub fn scenario(ctx: &mut Ctx) -> io::Result<()> {
     if cfg!(debug_assertions) {
         eprintln!("codec: warning: built without optimisations; run through `cargo bench`");
@@ -214,6 +243,8 @@ pub fn scenario(ctx: &mut Ctx) -> io::Result<()> {
     let (in_place, copying) = parse_and_rewrite(min);
     let (p16, w16) = shard_publish(min, 16)?;
     let (p4k, w4k) = shard_publish(min, 4096)?;
+    let drop_1 = drop_unsent(1);
+    let drop_many = drop_unsent(u16::MAX);
     let consume_few = shard_consume(min, 10)?;
     let consume_many = shard_consume(min, 20_000)?;
     let mut table = Table::new(
@@ -261,6 +292,24 @@ pub fn scenario(ctx: &mut Ctx) -> io::Result<()> {
         "consumer tags: 20,000 active / 10 active = {:.2}x per Consume + Cancel (the duplicate-tag check must not grow with the consumers a channel holds)",
         consume_many / consume_few
     ));
+    table.row(vec![
+        "OutBuf::drop_unsent, 16 MB of small deliveries on 1 channel".into(),
+        f(drop_1, 2),
+        "frame".into(),
+        "-".into(),
+    ]);
+    table.row(vec![
+        "OutBuf::drop_unsent, the same on 65,535 channels".into(),
+        f(drop_many, 2),
+        "frame".into(),
+        "-".into(),
+    ]);
+    ctx.targets.push(TargetCheck {
+        name: "slow consumer's output dropped, 65,535 vs 1 channel".into(),
+        target: "≤ 3× (flat)".into(),
+        measured: format!("{:.2}×", drop_many / drop_1),
+        met: Some(drop_many / drop_1 <= 3.0),
+    });
     ctx.targets.push(TargetCheck {
         name: "consumer-tag check, Consume+Cancel with 20,000 vs 10 active".into(),
         target: "≤ 2× (flat)".into(),
@@ -277,6 +326,8 @@ pub fn scenario(ctx: &mut Ctx) -> io::Result<()> {
             ("parse_and_copy_ns_per_frame", copying.into()),
             ("shard_publish_16b_ns", p16.into()),
             ("shard_publish_4k_ns", p4k.into()),
+            ("drop_unsent_1_channel_ns_per_frame", drop_1.into()),
+            ("drop_unsent_65535_channels_ns_per_frame", drop_many.into()),
             ("shard_consume_cancel_10_active_ns", consume_few.into()),
             ("shard_consume_cancel_20000_active_ns", consume_many.into()),
             ("publish_16b_wire_bytes", w16.into()),

@@ -510,10 +510,10 @@ impl Shard {
             return;
         };
         let unsent = c.out.len();
-        let dropped = c.out.drop_deliveries();
+        let dropped = c.out.drop_unsent();
         self.stats.slow_consumer_disconnects += 1;
         log::warn!(
-            "client {}: slow consumer, {unsent} bytes unsent ({limit}); {dropped} bytes of deliveries dropped",
+            "client {}: slow consumer, {unsent} bytes unsent ({limit}); {dropped} bytes of unsent frames dropped",
             c.label()
         );
         self.account(client);
