@@ -72,15 +72,22 @@ impl Shard {
         }
     }
 
-    /// A Basic.Publish for an upstream connection already past its
-    /// high-water mark: the client is paused before the message starts, so
-    /// the proxy does not take one more message per client (per channel)
-    /// while the broker is not reading (a memory alarm, a stall).
+    /// A Basic.Publish, or the content of one, for an upstream connection
+    /// already past its high-water mark: the client is paused before the
+    /// frame, so while the broker is not reading (a memory alarm, a stall)
+    /// the proxy takes no more messages, and a message being assembled
+    /// (counted in the buffer budget) is not completed into the upstream
+    /// output (which is not).
     fn publish_must_wait(&mut self, id: ClientId, frame: &Frame<'_>) -> bool {
-        if frame.frame_type != FRAME_METHOD || frame.channel == 0 {
+        if frame.channel == 0 {
             return false;
         }
-        if methods::method_id(frame.payload).ok() != Some(method::BASIC_PUBLISH) {
+        let publishing = match frame.frame_type {
+            FRAME_METHOD => methods::method_id(frame.payload).ok() == Some(method::BASIC_PUBLISH),
+            FRAME_HEADER | FRAME_BODY => true,
+            _ => false,
+        };
+        if !publishing {
             return false;
         }
         let Some(link) = self.link(id, frame.channel) else {

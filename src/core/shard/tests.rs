@@ -773,6 +773,50 @@ fn a_publish_for_a_full_upstream_waits_unread_until_it_drains() {
 }
 
 #[test]
+fn a_message_begun_before_the_upstream_filled_is_not_finished_into_it() {
+    // The message being assembled counts in the buffer budget; the
+    // upstream output does not: its last body waits until the broker reads.
+    let mut p = Pair::new(Settings::default());
+    let (a, up) = p.connected_client();
+    p.open_channel(a, up, 1);
+    let b = p.client("guest", "guest", &[], 131072);
+    p.client_out(b);
+    p.open_channel(b, up, 1);
+    // B: method, header and the first of two 100 KB body frames.
+    let whole = publish(1, b"q", &[]);
+    let method_len = 8 + u32::from_be_bytes(whole[3..7].try_into().unwrap()) as usize;
+    let mut start = whole[..method_len].to_vec();
+    let mut header = vec![0, 60, 0, 0];
+    header.extend_from_slice(&200_000u64.to_be_bytes());
+    header.extend_from_slice(&[0, 0]);
+    put_frame(&mut start, FRAME_HEADER, 1, &header);
+    put_frame(&mut start, FRAME_BODY, 1, &vec![3u8; 100_000]);
+    p.send_client(b, &start);
+    // A fills the upstream: the broker reads nothing.
+    let body = vec![1u8; 64 * 1024];
+    while p.shard.client_may_read(a) {
+        p.send_client(a, &publish(1, b"q", &body));
+    }
+    let queued = p.shard.output(ConnRef::Upstream(up)).len();
+    let mut last = Vec::new();
+    put_frame(&mut last, FRAME_BODY, 1, &vec![4u8; 100_000]);
+    p.send_client(b, &last);
+    assert!(!p.shard.client_may_read(b), "B is paused");
+    assert_eq!(p.shard.output(ConnRef::Upstream(up)).len(), queued);
+    p.shard.output_written(ConnRef::Upstream(up), queued);
+    let sent = p.upstream_out(up);
+    let bodies: usize = sent
+        .iter()
+        .filter(|f| f.0 == FRAME_BODY)
+        .map(|f| f.2.len())
+        .sum();
+    assert_eq!(
+        bodies, 200_000,
+        "B's message went up whole once the broker read"
+    );
+}
+
+#[test]
 fn slow_consumer_is_closed_with_506_and_the_upstream_keeps_flowing() {
     let settings = Settings {
         client_buffer_limit: 64 * 1024,
