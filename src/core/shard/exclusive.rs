@@ -159,36 +159,50 @@ impl Shard {
             .into_iter()
             .collect();
         queues.sort();
-        for (uid, queue) in queues {
+        // One channel per upstream connection, all its deletes pipelined on
+        // it: a client may hold more exclusive queues than there are
+        // channel numbers.
+        let mut i = 0;
+        while i < queues.len() {
+            let uid = queues[i].0;
+            let end = i + queues[i..].iter().take_while(|(u, _)| *u == uid).count();
+            let group = &queues[i..end];
+            i = end;
             let Some(u) = self.upstreams.get_mut(uid.0) else {
                 continue;
             };
-            if u.exclusive.get(&queue) != Some(&client) {
-                continue;
+            let mine: Vec<&Vec<u8>> = group
+                .iter()
+                .map(|(_, q)| q)
+                .filter(|q| u.exclusive.get(*q) == Some(&client))
+                .collect();
+            for q in &mine {
+                u.exclusive.remove(*q);
             }
-            u.exclusive.remove(&queue);
-            if u.state != UpstreamState::Open {
+            if mine.is_empty() || u.state != UpstreamState::Open {
                 continue; // the broker deletes them with the connection
             }
             // Owner (client, 0): no client channel; the broker's CloseOk
-            // tells the client's close that the queue is gone.
+            // tells the client's close that the queues are gone.
             let Some(n) = u.allocate(Slot {
                 state: SlotState::Closing,
                 owner: Some((client, 0)),
             }) else {
                 log::warn!(
-                    "cannot delete exclusive queue {:?}: no free upstream channel",
-                    String::from_utf8_lossy(&queue)
+                    "cannot delete {} exclusive queues: no free upstream channel",
+                    mine.len()
                 );
                 continue;
             };
             self.upstream_send(uid, |out| {
                 put_channel_open(out, n);
-                put_method(out, n, method::QUEUE_DELETE, |b| {
-                    put_u16(b, 0);
-                    put_shortstr(b, &queue);
-                    b.push(0b100); // nowait
-                });
+                for q in &mine {
+                    put_method(out, n, method::QUEUE_DELETE, |b| {
+                        put_u16(b, 0);
+                        put_shortstr(b, q);
+                        b.push(0b100); // nowait
+                    });
+                }
                 put_close(
                     out,
                     n,
