@@ -314,6 +314,33 @@ fn unreachable_broker_is_a_clear_close() {
 }
 
 #[test]
+fn a_broker_frame_max_below_4096_is_refused() {
+    let mut p = Pair::new(Settings::default());
+    let c = p.client("guest", "guest", &[], 131072);
+    let up = p.connects()[0];
+    p.shard.upstream_connected(up, p.now);
+    assert_eq!(p.out(ConnRef::Upstream(up)), b"AMQP\x00\x00\x09\x01");
+    let mut start = Vec::new();
+    m::put_connection_start(&mut start, &FieldTable::default(), b"PLAIN", b"en_US");
+    p.send_upstream(up, &start);
+    p.upstream_out(up);
+    let mut tune = Vec::new();
+    m::put_tune(
+        &mut tune,
+        false,
+        Tune {
+            channel_max: 2047,
+            frame_max: 1000,
+            heartbeat: 60,
+        },
+    );
+    p.send_upstream(up, &tune);
+    let (code, text) = close_of(&p.client_out(c)[0]);
+    assert_eq!(code, 541);
+    assert!(text.contains("frame_max 1000"), "{text}");
+}
+
+#[test]
 fn same_credentials_share_an_upstream_different_ones_do_not() {
     let mut p = Pair::new(Settings::default());
     let (_a, up) = p.connected_client();

@@ -151,6 +151,14 @@ impl Shard {
             }
             (UpstreamState::ExpectTune, Some(method::CONNECTION_TUNE)) => {
                 let tune = Tune::decode(frame.payload).map_err(bad)?;
+                // The spec's frame-min-size: below it, every body would be
+                // cut into tiny frames (9x the memory at 1 octet each).
+                if tune.frame_max != 0 && tune.frame_max < 4096 {
+                    return Err(format!(
+                        "INTERNAL_ERROR - the broker's frame_max {} is below the minimum 4096",
+                        tune.frame_max
+                    ));
+                }
                 let answer = answer_tune(tune, self.settings.max_upstream_channels);
                 let vhost = self
                     .upstream_credentials(id)
