@@ -20,6 +20,11 @@ pub fn shrink_if_large(buf: &mut Vec<u8>) {
     }
 }
 
+/// Replies a condemned slow consumer's buffer keeps (see
+/// [`OutBuf::drop_unsent`]); below the budget's smallest victim, so a dead
+/// buffer is never worth another client's disconnection.
+pub const KEEP_REPLIES: usize = 16 * 1024;
+
 #[derive(Debug, Default)]
 pub struct OutBuf {
     buf: Vec<u8>,
@@ -94,18 +99,21 @@ impl OutBuf {
         }
     }
 
-    /// For a client about to be closed as a slow consumer: drops every
-    /// frame the socket has not started, but the rest of a content
-    /// (delivery) already started, so what the client reads still parses
-    /// up to the Close that follows. Gives the memory back at once, so
-    /// the buffer budget sees it free. O(frames). Returns the bytes dropped.
+    /// For a client about to be closed as a slow consumer: drops the
+    /// deliveries (Deliver, GetOk, Return with their content) the socket
+    /// has not started, and replies past the first [`KEEP_REPLIES`] bytes;
+    /// keeps the rest of a delivery already started, so what the client
+    /// reads still parses and it sees the replies it waits for (a
+    /// ConsumeOk) before the Close. Gives the memory back at once, so the
+    /// buffer budget does not count a dead buffer. O(frames): one bit per
+    /// channel number. Returns the bytes dropped.
     pub fn drop_unsent(&mut self) -> usize {
-        use crate::protocol::constants::{FRAME_BODY, FRAME_HEADER, FRAME_METHOD};
+        use crate::protocol::constants::{method, FRAME_BODY, FRAME_HEADER, FRAME_METHOD};
         let start = (self.head + self.partial).min(self.buf.len());
         let mut kept = Vec::new();
-        // Channels with a method frame after `start`: the content that
-        // follows it goes too. One bit per channel number.
+        // Channels whose current content (a delivery's) is being dropped.
         let mut dropping = vec![0u64; 1024];
+        let mut replies = 0usize;
         let mut pos = start;
         while let Some(h) = self.buf.get(pos..pos + 7) {
             let channel = u16::from_be_bytes([h[1], h[2]]) as usize;
@@ -116,8 +124,26 @@ impl OutBuf {
             let (word, bit) = (channel / 64, 1u64 << (channel % 64));
             let drop = match h[0] {
                 FRAME_METHOD => {
-                    dropping[word] |= bit;
-                    true
+                    let id = self.buf.get(pos + 7..pos + 11).map(|b| {
+                        (
+                            u16::from_be_bytes([b[0], b[1]]),
+                            u16::from_be_bytes([b[2], b[3]]),
+                        )
+                    });
+                    let delivery = matches!(
+                        id,
+                        Some(method::BASIC_DELIVER | method::BASIC_GET_OK | method::BASIC_RETURN)
+                    );
+                    if delivery {
+                        dropping[word] |= bit;
+                        true
+                    } else {
+                        dropping[word] &= !bit;
+                        // Replies up to a small bound, in order: a client
+                        // that never reads may have asked for megabytes.
+                        replies = replies.saturating_add(end - pos);
+                        replies > KEEP_REPLIES
+                    }
                 }
                 // Content of a method before `start` (started) is kept.
                 FRAME_HEADER | FRAME_BODY => dropping[word] & bit != 0,
@@ -198,7 +224,7 @@ mod tests {
     }
 
     #[test]
-    fn drops_every_unstarted_frame_but_finishes_the_started_delivery() {
+    fn drops_unstarted_deliveries_and_keeps_replies_and_the_started_one() {
         let mut o = OutBuf::new();
         delivery(&mut o, 1, 1000); // started below
         method_frame(&mut o, 1, (60, 21)); // ConsumeOk of another consumer
@@ -214,11 +240,29 @@ mod tests {
         written.extend_from_slice(o.bytes());
         let frames = parse(&written);
         let kinds: Vec<_> = frames.iter().map(|f| (f.0, f.1)).collect();
-        // the started delivery whole; nothing else (replies are moot: the
-        // connection is being closed, and they would keep memory)
-        assert_eq!(kinds, vec![(1, 1), (2, 1), (3, 1)]);
+        // the started delivery whole, ConsumeOk, OpenOk; nothing else
+        assert_eq!(kinds, vec![(1, 1), (2, 1), (3, 1), (1, 1), (1, 2)]);
+        assert_eq!(frames[3].2, vec![0, 60, 0, 21]);
+        assert_eq!(frames[4].2, vec![0, 20, 0, 11]);
         assert!(dropped > 7000, "{dropped}");
         assert!(o.capacity() < o.len() + 64, "memory kept: {}", o.capacity());
+    }
+
+    #[test]
+    fn replies_are_kept_only_up_to_a_small_bound() {
+        // A client that never reads but asks for a lot (DeclareOks): a
+        // condemned buffer must not keep megabytes counted in the budget.
+        let mut o = OutBuf::new();
+        for _ in 0..20_000 {
+            method_frame(&mut o, 1, (50, 11));
+        }
+        let before = o.len();
+        o.drop_unsent();
+        assert!(before > 300_000);
+        assert!(o.len() <= KEEP_REPLIES, "{} bytes kept", o.len());
+        assert!(o.len() > KEEP_REPLIES - 100, "the first replies are kept");
+        assert!(o.capacity() < KEEP_REPLIES + 1024);
+        assert_eq!(parse(o.bytes()).len() * 22, o.len());
     }
 
     #[test]
