@@ -1358,6 +1358,21 @@ fn after_close_ok_the_client_closes_the_socket_or_the_deadline_does() {
     assert!(closes_socket(&p.actions(), b));
 }
 
+/// A new client that declares the exclusive queue `queue` on `up` and
+/// sends Connection.Close; asserts it has no CloseOk yet.
+fn closing_owner_of(p: &mut Pair, up: UpstreamId, queue: &[u8]) -> ClientId {
+    let c = p.client("guest", "guest", &[], 131072);
+    p.client_out(c);
+    p.upstream_out(up);
+    let n = p.open_channel(c, up, 1);
+    p.send_client(c, &queue_method(1, method::QUEUE_DECLARE, queue, EXCLUSIVE));
+    p.send_upstream(up, &declare_ok(n, queue));
+    p.client_out(c);
+    close_connection(p, c);
+    assert!(p.client_out(c).is_empty(), "no CloseOk before the delete");
+    c
+}
+
 #[test]
 fn close_ok_waits_until_the_broker_deleted_the_exclusive_queues() {
     // RabbitMQ deletes a connection's exclusive queues before its CloseOk,
@@ -1390,29 +1405,13 @@ fn close_ok_waits_until_the_broker_deleted_the_exclusive_queues() {
     assert_eq!(mid(&p.client_out(a)[0]), Some(method::CONNECTION_CLOSE_OK));
 
     // The broker never answers: CloseOk at the deadline all the same.
-    let b = p.client("guest", "guest", &[], 131072);
-    p.client_out(b);
-    p.upstream_out(up);
-    let nb = p.open_channel(b, up, 1);
-    p.send_client(b, &queue_method(1, method::QUEUE_DECLARE, b"qz", EXCLUSIVE));
-    p.send_upstream(up, &declare_ok(nb, b"qz"));
-    p.client_out(b);
-    close_connection(&mut p, b);
-    assert!(p.client_out(b).is_empty());
+    let b = closing_owner_of(&mut p, up, b"qz");
     p.advance(CLOSE_TIMEOUT * 2);
     assert_eq!(mid(&p.client_out(b)[0]), Some(method::CONNECTION_CLOSE_OK));
 
     // The upstream connection fails meanwhile: the broker dropped the
     // queues with it, CloseOk at once.
-    let c = p.client("guest", "guest", &[], 131072);
-    p.client_out(c);
-    p.upstream_out(up);
-    let nc = p.open_channel(c, up, 1);
-    p.send_client(c, &queue_method(1, method::QUEUE_DECLARE, b"qw", EXCLUSIVE));
-    p.send_upstream(up, &declare_ok(nc, b"qw"));
-    p.client_out(c);
-    close_connection(&mut p, c);
-    assert!(p.client_out(c).is_empty());
+    let c = closing_owner_of(&mut p, up, b"qw");
     let mut close = Vec::new();
     m::put_close(&mut close, 0, 320, b"CONNECTION_FORCED - test", (0, 0));
     p.send_upstream(up, &close);
