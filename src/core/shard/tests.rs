@@ -757,22 +757,43 @@ fn full_upstream_pauses_only_the_clients_feeding_it_until_it_drains() {
     assert_eq!(p.actions(), vec![Action::Resume(a)]);
 }
 
+/// Two clients, each with channel 1 open on the same upstream connection.
+fn two_publishers(p: &mut Pair) -> (ClientId, ClientId, UpstreamId) {
+    let (a, up) = p.connected_client();
+    p.open_channel(a, up, 1);
+    let b = p.client("guest", "guest", &[], 131072);
+    p.client_out(b);
+    p.open_channel(b, up, 1);
+    (a, b, up)
+}
+
+/// `a` publishes until the upstream output, which the broker never reads,
+/// pauses it; returns the bytes queued upstream.
+fn fill_upstream(p: &mut Pair, a: ClientId, up: UpstreamId) -> usize {
+    let body = vec![1u8; 64 * 1024];
+    while p.shard.client_may_read(a) {
+        p.send_client(a, &publish(1, b"q", &body));
+    }
+    p.shard.output(ConnRef::Upstream(up)).len()
+}
+
+/// Octets in the body frames of `frames`.
+fn body_octets(frames: &Wire) -> usize {
+    frames
+        .iter()
+        .filter(|f| f.0 == FRAME_BODY)
+        .map(|f| f.2.len())
+        .sum()
+}
+
 #[test]
 fn a_publish_for_a_full_upstream_waits_unread_until_it_drains() {
     // A broker that stops reading (memory alarm, stall): each client that
     // starts a publish towards it is paused before the message, so the
     // proxy does not take one more message per client while it waits.
     let mut p = Pair::new(Settings::default());
-    let (a, up) = p.connected_client();
-    p.open_channel(a, up, 1);
-    let b = p.client("guest", "guest", &[], 131072);
-    p.client_out(b);
-    p.open_channel(b, up, 1);
-    let body = vec![1u8; 64 * 1024];
-    while p.shard.client_may_read(a) {
-        p.send_client(a, &publish(1, b"q", &body));
-    }
-    let queued = p.shard.output(ConnRef::Upstream(up)).len();
+    let (a, b, up) = two_publishers(&mut p);
+    let queued = fill_upstream(&mut p, a, up);
     assert!(queued >= crate::core::UPSTREAM_HIGH_WATER);
     // B's publish (and a heartbeat after it) is not taken.
     let big = vec![2u8; 100 * 1024];
@@ -790,11 +811,7 @@ fn a_publish_for_a_full_upstream_waits_unread_until_it_drains() {
     p.shard.output_written(ConnRef::Upstream(up), queued);
     assert!(p.shard.client_may_read(b));
     let sent = p.upstream_out(up);
-    let bodies: usize = sent
-        .iter()
-        .filter(|f| f.0 == FRAME_BODY)
-        .map(|f| f.2.len())
-        .sum();
+    let bodies = body_octets(&sent);
     assert_eq!(bodies, big.len());
     assert!(p.actions().contains(&Action::Resume(b)));
 }
@@ -804,11 +821,7 @@ fn a_message_begun_before_the_upstream_filled_is_not_finished_into_it() {
     // The message being assembled counts in the buffer budget; the
     // upstream output does not: its last body waits until the broker reads.
     let mut p = Pair::new(Settings::default());
-    let (a, up) = p.connected_client();
-    p.open_channel(a, up, 1);
-    let b = p.client("guest", "guest", &[], 131072);
-    p.client_out(b);
-    p.open_channel(b, up, 1);
+    let (a, b, up) = two_publishers(&mut p);
     // B: method, header and the first of two 100 KB body frames.
     let whole = publish(1, b"q", &[]);
     let method_len = 8 + u32::from_be_bytes(whole[3..7].try_into().unwrap()) as usize;
@@ -820,11 +833,7 @@ fn a_message_begun_before_the_upstream_filled_is_not_finished_into_it() {
     put_frame(&mut start, FRAME_BODY, 1, &vec![3u8; 100_000]);
     p.send_client(b, &start);
     // A fills the upstream: the broker reads nothing.
-    let body = vec![1u8; 64 * 1024];
-    while p.shard.client_may_read(a) {
-        p.send_client(a, &publish(1, b"q", &body));
-    }
-    let queued = p.shard.output(ConnRef::Upstream(up)).len();
+    let queued = fill_upstream(&mut p, a, up);
     let mut last = Vec::new();
     put_frame(&mut last, FRAME_BODY, 1, &vec![4u8; 100_000]);
     p.send_client(b, &last);
@@ -832,11 +841,7 @@ fn a_message_begun_before_the_upstream_filled_is_not_finished_into_it() {
     assert_eq!(p.shard.output(ConnRef::Upstream(up)).len(), queued);
     p.shard.output_written(ConnRef::Upstream(up), queued);
     let sent = p.upstream_out(up);
-    let bodies: usize = sent
-        .iter()
-        .filter(|f| f.0 == FRAME_BODY)
-        .map(|f| f.2.len())
-        .sum();
+    let bodies = body_octets(&sent);
     assert_eq!(
         bodies, 200_000,
         "B's message went up whole once the broker read"
@@ -1050,11 +1055,7 @@ fn unfinished_publishes_count_in_the_budget_and_the_largest_holder_is_closed() {
     p.upstream_out(up);
     p.send_client(small, &body);
     let sent = p.upstream_out(up);
-    let bodies: usize = sent
-        .iter()
-        .filter(|f| f.0 == FRAME_BODY)
-        .map(|f| f.2.len())
-        .sum();
+    let bodies = body_octets(&sent);
     assert_eq!(bodies, 200_000);
     // (Only the small message: none of the hog's went upstream.)
     for c in [hog, small] {
