@@ -1289,6 +1289,20 @@ fn exclusive_queues_are_locked_to_their_owner_and_deleted_when_it_leaves() {
     assert_eq!(mid(&p.upstream_out(up)[0]), Some(method::QUEUE_DECLARE));
 }
 
+/// A connected client that declared the exclusive queues `queues` on its
+/// channel 1; both sides' output drained.
+fn exclusive_owner(p: &mut Pair, queues: &[&[u8]]) -> (ClientId, UpstreamId) {
+    let (a, up) = p.connected_client();
+    let n = p.open_channel(a, up, 1);
+    for q in queues {
+        p.send_client(a, &queue_method(1, method::QUEUE_DECLARE, q, EXCLUSIVE));
+        p.send_upstream(up, &declare_ok(n, q));
+    }
+    p.upstream_out(up);
+    p.client_out(a);
+    (a, up)
+}
+
 #[test]
 fn a_failed_upstream_writes_no_exclusive_queue_deletes() {
     // Found by the session fuzzer: the clients of a failing upstream were
@@ -1296,12 +1310,7 @@ fn a_failed_upstream_writes_no_exclusive_queue_deletes() {
     // Open, so the exclusive-queue release opened a channel number the
     // broker still held. The broker drops the queues with the connection.
     let mut p = Pair::new(Settings::default());
-    let (a, up) = p.connected_client();
-    let na = p.open_channel(a, up, 1);
-    p.send_client(a, &queue_method(1, method::QUEUE_DECLARE, b"qx", EXCLUSIVE));
-    p.send_upstream(up, &declare_ok(na, b"qx"));
-    p.upstream_out(up);
-    p.client_out(a);
+    let (a, up) = exclusive_owner(&mut p, &[b"qx"]);
     let mut close = Vec::new();
     m::put_close(&mut close, 0, 320, b"CONNECTION_FORCED - test", (0, 0));
     p.send_upstream(up, &close);
@@ -1379,14 +1388,7 @@ fn close_ok_waits_until_the_broker_deleted_the_exclusive_queues() {
     // RabbitMQ deletes a connection's exclusive queues before its CloseOk,
     // so once Close() returns another client finds them gone (404).
     let mut p = Pair::new(Settings::default());
-    let (a, up) = p.connected_client();
-    let na = p.open_channel(a, up, 1);
-    p.send_client(a, &queue_method(1, method::QUEUE_DECLARE, b"qx", EXCLUSIVE));
-    p.send_upstream(up, &declare_ok(na, b"qx"));
-    p.send_client(a, &queue_method(1, method::QUEUE_DECLARE, b"qy", EXCLUSIVE));
-    p.send_upstream(up, &declare_ok(na, b"qy"));
-    p.upstream_out(up);
-    p.client_out(a);
+    let (a, up) = exclusive_owner(&mut p, &[b"qx", b"qy"]);
     close_connection(&mut p, a);
     assert!(
         p.client_out(a).is_empty(),
