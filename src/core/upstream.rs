@@ -67,6 +67,9 @@ pub struct Upstream {
     pub channel_limit: u16,
     /// Indexed by upstream channel number; index 0 is never used.
     pub slots: Vec<Option<Slot>>,
+    /// Every slot in 1..free_hint is taken: the search for the lowest
+    /// free number starts here (a scan from 1 cost O(channels) per open).
+    pub free_hint: usize,
     pub used: usize,
     pub partial: Vec<u8>,
     pub out: super::outbuf::OutBuf,
@@ -105,6 +108,7 @@ impl Upstream {
             },
             channel_limit,
             slots: Vec::new(),
+            free_hint: 1,
             used: 0,
             partial: Vec::new(),
             out: super::outbuf::OutBuf::new(),
@@ -136,7 +140,8 @@ impl Upstream {
         if !self.has_room() {
             return None;
         }
-        let free = (1..self.slots.len()).find(|&n| self.slots[n].is_none());
+        let from = self.free_hint.max(1);
+        let free = (from..self.slots.len()).find(|&n| self.slots[n].is_none());
         let n = match free {
             Some(n) => n,
             None => {
@@ -151,6 +156,7 @@ impl Upstream {
             return None;
         }
         self.slots[n] = Some(slot);
+        self.free_hint = n + 1;
         self.used += 1;
         self.idle_since = None;
         Some(n as u16)
@@ -168,6 +174,7 @@ impl Upstream {
     pub fn free(&mut self, n: u16, now: Instant) {
         if let Some(s) = self.slots.get_mut(n as usize) {
             if s.take().is_some() {
+                self.free_hint = self.free_hint.min(n as usize);
                 self.used -= 1;
                 if self.used == 0 {
                     self.idle_since = Some(now);
@@ -276,6 +283,34 @@ mod tests {
         assert_eq!(u.allocate(slot), None);
         u.free(2, Instant::now());
         assert_eq!(u.allocate(slot), Some(2));
+    }
+
+    #[test]
+    fn allocation_matches_a_lowest_free_model_under_random_churn() {
+        let mut u = upstream(300);
+        u.state = UpstreamState::Open;
+        let slot = Slot {
+            state: SlotState::Open,
+            owner: None,
+        };
+        let mut model = [false; 301]; // model[n]: n taken
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if x % 3 == 0 {
+                let n = 1 + (x >> 8) as usize % 300;
+                u.free(n as u16, Instant::now());
+                model[n] = false;
+            } else {
+                let want = (1..=300).find(|&n| !model[n]);
+                assert_eq!(u.allocate(slot).map(usize::from), want);
+                if let Some(n) = want {
+                    model[n] = true;
+                }
+            }
+        }
     }
 
     #[test]

@@ -625,6 +625,7 @@ impl Shard {
         }
         let owners = u.owners();
         u.slots.clear();
+        u.free_hint = 1;
         u.used = 0;
         // The broker drops exclusive queues with the connection; closing
         // the owners below must not try to delete them on a channel
