@@ -160,6 +160,21 @@ def test_upstream_mutual_tls(start_proxy, terminator, certs):
     round_trip(p, size=10)
 
 
+def tls_proxy(start_proxy, certs, *flags, cert=None, key=None):
+    """A proxy with a TLS listener; returns (proxy, TLS port) once that port
+    accepts (the fixture waits for the plain port, bound just before it)."""
+    port = free_port()
+    p = start_proxy("--tls-port", str(port), "--tls-cert", str(cert or certs / "server.pem"),
+                    "--tls-key", str(key or certs / "server-key.pem"), *flags)
+    deadline = time.monotonic() + 10
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return p, port
+        assert time.monotonic() < deadline, "the TLS port %d never accepted" % port
+        time.sleep(0.02)
+
+
 def tls_params(p, port, certs, client_cert=False):
     ctx = ssl.create_default_context(cafile=str(certs / "ca.pem"))
     if client_cert:
@@ -170,9 +185,7 @@ def tls_params(p, port, certs, client_cert=False):
 
 
 def test_client_tls_listener(start_proxy, certs):
-    port = free_port()
-    p = start_proxy("--tls-port", str(port), "--tls-cert", str(certs / "server.pem"),
-                    "--tls-key", str(certs / "server-key.pem"))
+    p, port = tls_proxy(start_proxy, certs)
     c = pika.BlockingConnection(tls_params(p, port, certs))
     ch = c.channel()
     q = unique()
@@ -187,9 +200,7 @@ def test_client_tls_listener(start_proxy, certs):
 
 
 def test_plain_client_on_the_tls_port_is_refused_cleanly(start_proxy, certs):
-    port = free_port()
-    p = start_proxy("--tls-port", str(port), "--tls-cert", str(certs / "server.pem"),
-                    "--tls-key", str(certs / "server-key.pem"))
+    p, port = tls_proxy(start_proxy, certs)
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         s.sendall(b"AMQP\x00\x00\x09\x01")
         s.settimeout(5)
@@ -209,9 +220,7 @@ def test_plain_client_on_the_tls_port_is_refused_cleanly(start_proxy, certs):
 
 
 def test_client_certificate_verification(start_proxy, certs):
-    port = free_port()
-    p = start_proxy("--tls-port", str(port), "--tls-cert", str(certs / "server.pem"),
-                    "--tls-key", str(certs / "server-key.pem"), "--tls-client-ca", str(certs / "ca.pem"))
+    p, port = tls_proxy(start_proxy, certs, "--tls-client-ca", str(certs / "ca.pem"))
     with pytest.raises(Exception):
         pika.BlockingConnection(tls_params(p, port, certs, client_cert=False)).close()
     c = pika.BlockingConnection(tls_params(p, port, certs, client_cert=True))
@@ -248,8 +257,7 @@ def test_sighup_rereads_the_listener_certificate(start_proxy, certs, tmp_path):
     cert, key = tmp_path / "live.pem", tmp_path / "live-key.pem"
     replace_file(certs / "server.pem", cert)
     replace_file(certs / "server-key.pem", key)
-    port = free_port()
-    p = start_proxy("--tls-port", str(port), "--tls-cert", str(cert), "--tls-key", str(key))
+    p, port = tls_proxy(start_proxy, certs, cert=cert, key=key)
     before = pika.BlockingConnection(tls_params(p, port, certs))
     ch = before.channel()
     q = unique()
