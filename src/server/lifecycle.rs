@@ -13,7 +13,7 @@
 use super::control::{CLOSING_CLIENTS, DRAINING};
 use super::worker::UpstreamTls;
 use super::worker::WorkerHandle;
-use super::{listener_tls_settings, settings_from, tls, upstream_tls_settings, Shared};
+use super::{listener_tls_settings, settings_from, tls, upstream_tls, Shared};
 use crate::config::Config;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -187,10 +187,7 @@ impl Lifecycle {
             _ => None,
         };
         let upstream = if self.config.upstream.tls {
-            let settings = upstream_tls_settings(new);
-            let client = tls::upstream_config(&settings)?;
-            let name = tls::server_name(&settings, &self.config.upstream.host)?;
-            Some(Some((client, name)))
+            Some(upstream_tls(new, &self.config.upstream)?)
         } else {
             None
         };

@@ -66,6 +66,21 @@ pub fn upstream_tls_settings(config: &Config) -> tls::UpstreamTls {
     }
 }
 
+/// The TLS client configuration for `upstream` (None unless amqps), from
+/// the files and options of `config` (which SIGHUP may have re-read).
+pub fn upstream_tls(
+    config: &Config,
+    upstream: &crate::config::UpstreamUrl,
+) -> Result<worker::UpstreamTls, String> {
+    if !upstream.tls {
+        return Ok(None);
+    }
+    let settings = upstream_tls_settings(config);
+    let client = tls::upstream_config(&settings)?;
+    let name = tls::server_name(&settings, &upstream.host)?;
+    Ok(Some((client, name)))
+}
+
 /// The TLS listener's port and files, when one is configured.
 pub fn listener_tls_settings(config: &Config) -> Result<Option<(u16, tls::ListenerTls)>, String> {
     if config.tls_listen_port == 0 {
@@ -123,14 +138,7 @@ pub fn run(config: Config, reload: lifecycle::Reload) -> io::Result<()> {
     let lifecycle = lifecycle::Lifecycle::new(config.clone(), reload);
     let mut event_loop = event_loop::EventLoop::new(listeners, shared.clone(), lifecycle)?;
     let settings = settings_from(&config);
-    let upstream_tls: worker::UpstreamTls = if config.upstream.tls {
-        let tls = upstream_tls_settings(&config);
-        let client = tls::upstream_config(&tls).map_err(io::Error::other)?;
-        let name = tls::server_name(&tls, &config.upstream.host).map_err(io::Error::other)?;
-        Some((client, name))
-    } else {
-        None
-    };
+    let upstream_tls = upstream_tls(&config, &config.upstream).map_err(io::Error::other)?;
     for index in 0..workers {
         let handle = worker::spawn(worker::Setup {
             index,
