@@ -69,7 +69,7 @@ pub struct Upstream {
     pub slots: Vec<Option<Slot>>,
     /// Every slot in 1..free_hint is taken: the search for the lowest
     /// free number starts here (a scan from 1 cost O(channels) per open).
-    pub free_hint: usize,
+    free_hint: usize,
     pub used: usize,
     pub partial: Vec<u8>,
     pub out: super::outbuf::OutBuf,
@@ -168,6 +168,15 @@ impl Upstream {
 
     pub fn slot_mut(&mut self, n: u16) -> Option<&mut Slot> {
         self.slots.get_mut(n as usize).and_then(|s| s.as_mut())
+    }
+
+    /// The connection is unusable: no channel, and no exclusive queue, of
+    /// it is ours any more.
+    pub fn forget_channels(&mut self) {
+        self.slots.clear();
+        self.free_hint = 1;
+        self.used = 0;
+        self.exclusive.clear();
     }
 
     /// Frees a channel number once its close handshake is complete.

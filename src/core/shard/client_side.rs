@@ -337,8 +337,9 @@ impl Shard {
         self.client_send(id, put_connection_open_ok);
     }
 
-    /// Connection.Close from the client: its channels are closed upstream,
-    /// and it gets CloseOk at once.
+    /// Connection.Close from the client: its channels are closed upstream;
+    /// it gets CloseOk at once, or once the broker has deleted its
+    /// exclusive queues.
     fn client_connection_close(&mut self, id: ClientId) {
         self.release_client_channels(id);
         let now = self.now;

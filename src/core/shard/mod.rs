@@ -624,13 +624,10 @@ impl Shard {
             self.stats.upstream_connect_failures += 1;
         }
         let owners = u.owners();
-        u.slots.clear();
-        u.free_hint = 1;
-        u.used = 0;
         // The broker drops exclusive queues with the connection; closing
         // the owners below must not try to delete them on a channel
         // number the broker may still hold.
-        u.exclusive.clear();
+        u.forget_channels();
         // Clients paused on this connection must be read again, if only to
         // see their CloseOk.
         // (Not resume_client: what they left unparsed is for this

@@ -44,14 +44,20 @@ fn method_frame(channel: u16, id: method::Id, args: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A basic-class content header payload for `size` octets, no properties.
+fn basic_header(size: u64) -> Vec<u8> {
+    let mut header = vec![0, 60, 0, 0];
+    header.extend_from_slice(&size.to_be_bytes());
+    header.extend_from_slice(&[0, 0]);
+    header
+}
+
 fn publish(channel: u16, routing_key: &[u8], body: &[u8]) -> Vec<u8> {
     let mut args = vec![0, 0, 0, routing_key.len() as u8];
     args.extend_from_slice(routing_key);
     args.push(0);
     let mut out = method_frame(channel, method::BASIC_PUBLISH, &args);
-    let mut header = vec![0, 60, 0, 0];
-    header.extend_from_slice(&(body.len() as u64).to_be_bytes());
-    header.extend_from_slice(&[0, 0]);
+    let header = basic_header(body.len() as u64);
     put_frame(&mut out, FRAME_HEADER, channel, &header);
     if !body.is_empty() {
         put_frame(&mut out, FRAME_BODY, channel, body);
@@ -428,9 +434,7 @@ fn bodies_are_split_to_each_sides_frame_max() {
         method::BASIC_DELIVER,
         &[3, b'c', b't', b'g', 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 1, b'q'],
     );
-    let mut header = vec![0, 60, 0, 0];
-    header.extend_from_slice(&10_000u64.to_be_bytes());
-    header.extend_from_slice(&[0, 0]);
+    let header = basic_header(10_000u64);
     put_frame(&mut deliver, FRAME_HEADER, n, &header);
     put_frame(&mut deliver, FRAME_BODY, n, &[9u8; 10_000]);
     p.send_upstream(up, &deliver);
@@ -826,9 +830,7 @@ fn a_message_begun_before_the_upstream_filled_is_not_finished_into_it() {
     let whole = publish(1, b"q", &[]);
     let method_len = 8 + u32::from_be_bytes(whole[3..7].try_into().unwrap()) as usize;
     let mut start = whole[..method_len].to_vec();
-    let mut header = vec![0, 60, 0, 0];
-    header.extend_from_slice(&200_000u64.to_be_bytes());
-    header.extend_from_slice(&[0, 0]);
+    let header = basic_header(200_000u64);
     put_frame(&mut start, FRAME_HEADER, 1, &header);
     put_frame(&mut start, FRAME_BODY, 1, &vec![3u8; 100_000]);
     p.send_client(b, &start);
@@ -866,9 +868,7 @@ fn slow_consumer_is_closed_with_506_and_the_upstream_keeps_flowing() {
             method::BASIC_DELIVER,
             &[1, b'c', 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 1, b'q'],
         );
-        let mut header = vec![0, 60, 0, 0];
-        header.extend_from_slice(&8000u64.to_be_bytes());
-        header.extend_from_slice(&[0, 0]);
+        let header = basic_header(8000u64);
         put_frame(&mut d, FRAME_HEADER, n, &header);
         put_frame(&mut d, FRAME_BODY, n, &[5u8; 8000]);
         d
@@ -909,9 +909,7 @@ fn deliver(n: u16, body: usize) -> Vec<u8> {
         method::BASIC_DELIVER,
         &[1, b'c', 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 1, b'q'],
     );
-    let mut header = vec![0, 60, 0, 0];
-    header.extend_from_slice(&(body as u64).to_be_bytes());
-    header.extend_from_slice(&[0, 0]);
+    let header = basic_header(body as u64);
     put_frame(&mut d, FRAME_HEADER, n, &header);
     put_frame(&mut d, FRAME_BODY, n, &vec![5u8; body]);
     d
@@ -994,9 +992,7 @@ fn under_the_budget_small_buffers_are_left_alone() {
 /// A Basic.Publish method and content header announcing `size` octets.
 fn publish_start(channel: u16, size: u64) -> Vec<u8> {
     let mut d = method_frame(channel, method::BASIC_PUBLISH, &[0, 0, 0, 1, b'q', 0]);
-    let mut header = vec![0, 60, 0, 0];
-    header.extend_from_slice(&size.to_be_bytes());
-    header.extend_from_slice(&[0, 0]);
+    let header = basic_header(size);
     put_frame(&mut d, FRAME_HEADER, channel, &header);
     d
 }
@@ -1010,11 +1006,8 @@ fn unfinished_publishes_count_in_the_budget_and_the_largest_holder_is_closed() {
     };
     let mut p = Pair::new(settings);
     let (hog, up) = p.connected_client();
-    let (small, _) = {
-        let c = p.client("guest", "guest", &[], 131072);
-        p.client_out(c);
-        (c, ())
-    };
+    let small = p.client("guest", "guest", &[], 131072);
+    p.client_out(small);
     p.open_channel(small, up, 1);
     // Small: one 200 KB message in progress, then done.
     p.send_client(small, &publish_start(1, 200_000));
@@ -1667,9 +1660,7 @@ fn poison_arriving_before_the_fence_is_consumed_and_a_close_discards_the_channel
         method::BASIC_GET_OK,
         &[0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 1, b'q', 0, 0, 0, 0],
     ));
-    let mut header = vec![0, 60, 0, 0];
-    header.extend_from_slice(&4u64.to_be_bytes());
-    header.extend_from_slice(&[0, 0]);
+    let header = basic_header(4u64);
     put_frame(&mut late, FRAME_HEADER, n, &header);
     put_frame(&mut late, FRAME_BODY, n, b"late");
     p.send_upstream(up, &late);

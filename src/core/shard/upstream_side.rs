@@ -510,9 +510,9 @@ impl Shard {
 
     /// Disconnects a client that does not read what the broker sends it:
     /// drops its unsent deliveries (they are unacked, so they go back to
-    /// their queues when the broker closes its channels; other frames stay,
-    /// so it still sees the replies it waits for), sends Connection.Close
-    /// 506 and waits briefly for CloseOk.
+    /// their queues when the broker closes its channels) and its replies
+    /// past the first KEEP_REPLIES bytes (see `OutBuf::drop_unsent`), sends
+    /// Connection.Close 506 and waits briefly for CloseOk.
     pub(super) fn slow_consumer(&mut self, client: ClientId, limit: &str) {
         let Some(c) = self.clients.get_mut(client.0) else {
             return;
